@@ -1,0 +1,142 @@
+"""stepbench command line: sample | evaluate | report | reference (the cell contract of DESIGN.md).
+
+Bad input exits non-zero with one line naming the file, the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from harness.errors import StepbenchError
+
+DEFAULT_CACHE = Path(os.environ.get("STEPBENCH_CACHE", Path.home() / ".cache" / "stepbench"))
+
+models_file_opt = click.option("--models-file", type=click.Path(path_type=Path), default=Path("models.yaml"),
+                               show_default=True, help="Model zoo to read ids from.")
+methods_file_opt = click.option("--methods-file", type=click.Path(path_type=Path), default=Path("methods.yaml"),
+                                show_default=True, help="Accelerators to read ids from.")
+cache_opt = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True,
+                         help="Cached reference statistics, reference solutions and embedded weights "
+                              "(env STEPBENCH_CACHE).")
+device_opt = click.option("--device", default=None, help="torch device; default: cuda if available, else cpu.")
+
+
+@click.group()
+def cli() -> None:
+    """stepbench: compare fast samplers of diffusion models fairly (paired noise, audited NFE)."""
+
+
+@cli.command()
+@click.option("--model", "model_id", required=True, help="Model id from the models file.")
+@click.option("--method", "method_id", required=True, help="Method id from the methods file.")
+@click.option("--nfe", type=click.IntRange(min=1), required=True, help="Network evaluations per sample.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Cell directory to write.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None,
+              help="Samples to draw [default: the model's num_samples].")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sample i uses noise from (seed, i) only.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Samples per batch; does not change the samples.")
+@click.option("--keep-noise", is_flag=True, help="Also store the initial noise in samples.npz.")
+@models_file_opt
+@methods_file_opt
+@device_opt
+def sample(model_id, method_id, nfe, out, num_samples, seed, batch_size, keep_noise, models_file, methods_file,
+           device):
+    """Generate one cell: OUT/samples.npz and OUT/cell.json.
+
+    Example: stepbench sample --model gmm2d --method heun --nfe 9 --out results/cells/gmm2d/heun/nfe9
+    """
+    from harness.cells import run_cell
+    from harness.config import load_methods, load_models, lookup
+
+    models, methods = load_models(models_file), load_methods(methods_file)
+    model_spec = lookup(models, model_id, models_file, "model")
+    method_spec = lookup(methods, method_id, methods_file, "method")
+    cell = run_cell(model_id, model_spec, method_id, method_spec, nfe, out,
+                    num_samples or model_spec.get("num_samples", 1000), seed, batch_size, keep_noise, device)
+    click.echo(f"{model_id} / {method_id} / NFE {nfe}: {cell['status']}, nfe_measured={cell['nfe_measured']:g}, "
+               f"{cell['wall_s']:.2f}s -> {out}")
+
+
+@cli.command()
+@click.argument("cell_dir", type=click.Path(path_type=Path))
+@click.option("--metrics", "metric_list", default=None,
+              help="Comma-separated metric names [default: the model's metrics in the models file].")
+@models_file_opt
+@methods_file_opt
+@cache_opt
+@device_opt
+def evaluate(cell_dir, metric_list, models_file, methods_file, cache_dir, device):
+    """Compute metrics of a sampled cell: CELL_DIR/metrics.json."""
+    from harness.config import load_methods, load_models, lookup
+    from harness.evaluate import evaluate_cell
+
+    cell_json = cell_dir / "cell.json"
+    if not cell_json.is_file():
+        raise StepbenchError(f"{cell_json}: file not found (run `stepbench sample` first)")
+    model_id = json.loads(cell_json.read_text())["model"]
+    model_spec = lookup(load_models(models_file), model_id, models_file, "model")
+    names = [m.strip() for m in metric_list.split(",") if m.strip()] if metric_list else model_spec["metrics"]
+    result = evaluate_cell(cell_dir, model_spec, load_methods(methods_file), names, cache_dir, device or "cpu")
+    click.echo(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in result.items() if k in names))
+
+
+@cli.command()
+@click.option("--model", "model_id", required=True)
+@click.option("--kind", type=click.Choice(["exact", "solver"]), required=True,
+              help="exact: DOP853 PF-ODE solution (analytic models); solver: the model's reference method.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@models_file_opt
+@methods_file_opt
+@cache_opt
+@device_opt
+def reference(model_id, kind, num_samples, seed, models_file, methods_file, cache_dir, device):
+    """Compute (or find cached) the reference solution used by exact_err / mse_ref."""
+    from harness import references
+    from harness.config import load_methods, load_models, lookup
+
+    spec = lookup(load_models(models_file), model_id, models_file, "model")
+    methods = load_methods(methods_file)
+    n = num_samples or spec.get("num_samples", 1000)
+    references.load_or_compute(cache_dir, model_id, spec, kind, seed, n, methods, device or "cpu")
+    click.echo(references.reference_path(cache_dir, model_id, spec, kind, seed, n, methods))
+
+
+@cli.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Report directory.")
+@click.option("--grid", "grid_file", type=click.Path(path_type=Path), default=None,
+              help="Grid config; cells it names that have no result show as n/a (reason).")
+@models_file_opt
+@methods_file_opt
+def report(results_dir, out, grid_file, models_file, methods_file):
+    """Render RESULTS_DIR's cells into OUT/index.html and OUT/results.csv."""
+    from harness.report import render_report
+
+    render_report(results_dir, out, grid_file, models_file, methods_file)
+    click.echo(f"report -> {out / 'index.html'}")
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except StepbenchError as err:
+        click.echo(f"stepbench: error: {err}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Load and validate models.yaml, methods.yaml and the grid config.
+
+Every problem becomes one ConfigError line naming the file, the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from harness.errors import ConfigError
+
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+
+@lru_cache(maxsize=None)
+def schema(name: str) -> dict:
+    return yaml.safe_load((SCHEMA_DIR / f"{name}.schema.yaml").read_text())
+
+
+def load_yaml(path: str | Path) -> object:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+
+
+def validate(data: object, schema_name: str, path: str | Path) -> None:
+    validator = jsonschema.Draft202012Validator(schema(schema_name))
+    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        err = errors[0]
+        key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise ConfigError(f"{path}: key '{key}': {err.message}")
+
+
+def _check_choice(path, key: str, value: str, valid: list[str]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{path}: key '{key}': {value!r} unknown; valid: {', '.join(valid)}")
+
+
+def load_models(path: str | Path = "models.yaml") -> dict[str, dict]:
+    from harness.metrics import METRICS
+    from harness.models import MODELS
+
+    data = load_yaml(path)
+    validate(data, "models", path)
+    for model_id, spec in data.items():
+        _check_choice(path, f"{model_id}.adapter", spec["adapter"], MODELS.names())
+        for i, metric in enumerate(spec["metrics"]):
+            _check_choice(path, f"{model_id}.metrics.{i}", metric, METRICS.names())
+    return data
+
+
+def load_methods(path: str | Path = "methods.yaml") -> dict[str, dict]:
+    from harness.methods import FAMILIES
+
+    data = load_yaml(path)
+    validate(data, "methods", path)
+    for method_id, spec in data.items():
+        _check_choice(path, f"{method_id}.family", spec["family"], FAMILIES.names())
+        if spec["family"] == "solver":
+            from harness.methods.family_solver import SOLVERS
+
+            if "solver" not in spec:
+                raise ConfigError(f"{path}: key '{method_id}': family 'solver' needs a 'solver' key")
+            _check_choice(path, f"{method_id}.solver", spec["solver"], sorted(SOLVERS))
+    return data
+
+
+def lookup(table: dict[str, dict], item_id: str, path: str | Path, what: str) -> dict:
+    if item_id not in table:
+        raise ConfigError(f"{path}: no {what} {item_id!r}; valid: {', '.join(table)}")
+    return table[item_id]
+
+
+def config_hash(*parts: object) -> str:
+    """Stable short hash of JSON-able config pieces (provenance and cache keys)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

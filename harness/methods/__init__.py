@@ -1,0 +1,13 @@
+"""Accelerator families: each turns a methods.yaml entry into a Sampler."""
+
+from __future__ import annotations
+
+from harness.registry import Registry
+
+FAMILIES: Registry = Registry("method family", "harness.methods.base:Sampler")
+FAMILIES.add("solver", "harness.methods.family_solver:SolverSampler")
+
+
+def make_sampler(spec: dict):
+    """Build the Sampler for one validated methods.yaml entry."""
+    return FAMILIES.get(spec["family"])(spec)

@@ -1,0 +1,38 @@
+"""The Sampler interface: sample(denoiser, noise, nfe, cond, generator) -> x0.
+
+A Sampler is built from one methods.yaml entry. It maps an NFE budget to its own step count and
+rejects budgets it cannot meet exactly (`UnsupportedNFE`), so the grid never reports a cell whose
+cost differs from its label.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from harness.models.base import Denoiser
+from harness.noise import SampleNoise
+
+
+class Sampler(ABC):
+    family: str
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+
+    @abstractmethod
+    def check_nfe(self, nfe: int) -> None:
+        """Raise UnsupportedNFE (with the reason and the nearest valid budgets) if nfe cannot be met."""
+
+    @abstractmethod
+    def sample(
+        self,
+        denoiser: Denoiser,
+        noise: torch.Tensor,
+        nfe: int,
+        cond: Any = None,
+        generator: SampleNoise | None = None,
+    ) -> torch.Tensor:
+        """noise: [B, *data_shape] standard normal, paired across methods; returns x0 [B, ...]."""

@@ -1,0 +1,67 @@
+"""What every solver shares: the registry, the one signature and the NFE rules.
+
+    solver(model, x, sigmas, noise=None, **params) -> x0
+
+`model(x, sigma)` is the Denoiser (x0 prediction on scaled variables), `x` starts at
+noise * prior_std(sigmas[0]), and `sigmas` holds steps + 1 decreasing values ending in 0 (a Python
+list of floats). `noise` gives per-sample draws for stochastic solvers (harness.noise.SampleNoise).
+Schedules are separate (harness.schedules), so every solver runs on every schedule and every model.
+Solver modules register with @solver; harness.methods.family_solver imports them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from harness.errors import UnsupportedNFE
+
+# ---- NFE rules: how many network evaluations a solver spends for a number of steps ----
+
+
+@dataclass(frozen=True)
+class NFERule:
+    """nfe(steps) = per_step * steps - saved_at_end, for steps >= min_steps."""
+
+    per_step: int = 1
+    saved_at_end: int = 0  # e.g. Heun skips its corrector on the final step to sigma = 0
+    min_steps: int = 1
+
+    def nfe(self, steps: int) -> int:
+        return self.per_step * steps - self.saved_at_end
+
+    def steps(self, nfe: int, name: str) -> int:
+        steps, rem = divmod(nfe + self.saved_at_end, self.per_step)
+        if rem == 0 and steps >= self.min_steps:
+            return steps
+        valid = [self.nfe(s) for s in range(self.min_steps, self.min_steps + 4096)]
+        below = [v for v in valid if v < nfe]
+        above = [v for v in valid if v > nfe]
+        nearest = ", ".join(str(v) for v in (below[-1:] + above[:1]))
+        raise UnsupportedNFE(
+            f"{name} spends {self.describe()} network evaluations, so NFE={nfe} cannot be met; nearest: {nearest}"
+        )
+
+    def describe(self) -> str:
+        base = "steps" if self.per_step == 1 else f"{self.per_step}*steps"
+        return base + (f"-{self.saved_at_end}" if self.saved_at_end else "")
+
+
+@dataclass(frozen=True)
+class Solver:
+    fn: Callable
+    nfe: NFERule
+    order: int  # order of accuracy of the deterministic ODE solver (for convergence checks)
+
+
+SOLVERS: dict[str, Solver] = {}
+
+
+def solver(name: str, order: int, nfe: NFERule = NFERule()):
+    def wrap(fn):
+        SOLVERS[name] = Solver(fn, nfe, order)
+        return fn
+
+    return wrap
+
+

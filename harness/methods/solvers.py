@@ -1,0 +1,53 @@
+"""The basic ODE solvers: Euler (= DDIM, eta 0), EDM Heun, DPM-Solver++(2M)."""
+
+from __future__ import annotations
+
+import math
+
+from harness.methods.solver_base import NFERule, solver
+
+# ---- the solvers ----
+
+
+@solver("euler", order=1)
+def euler(model, x, sigmas, noise=None):
+    """Euler on the PF-ODE in sigma~; identical to DDIM with eta = 0."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = model(x, s)
+        x = denoised + (s_next / s) * (x - denoised)
+    return x
+
+
+@solver("heun", order=2, nfe=NFERule(per_step=2, saved_at_end=1))
+def heun(model, x, sigmas, noise=None):
+    """EDM's deterministic 2nd-order Heun (Karras et al. 2022, Alg. 1, S_churn = 0)."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - model(x, s)) / s
+        x_euler = x + (s_next - s) * d
+        if s_next == 0:
+            x = x_euler
+        else:
+            d_next = (x_euler - model(x_euler, s_next)) / s_next
+            x = x + (s_next - s) * 0.5 * (d + d_next)
+    return x
+
+
+@solver("dpmpp_2m", order=2)
+def dpmpp_2m(model, x, sigmas, noise=None):
+    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep; first order on the first and
+    the last step (to sigma = 0), as diffusers does with lower_order_final."""
+    old_denoised, h_last = None, None
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = model(x, s)
+        if s_next == 0:
+            x = denoised
+            break
+        h = math.log(s / s_next)  # lambda step, lambda = -log sigma~
+        if old_denoised is None:
+            d = denoised
+        else:
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        x = (s_next / s) * x - math.expm1(-h) * d
+        old_denoised, h_last = denoised, h
+    return x

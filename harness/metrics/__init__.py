@@ -1,0 +1,14 @@
+"""Metrics: one small module per metric family, registered by name."""
+
+from __future__ import annotations
+
+from harness.registry import Registry
+
+METRICS: Registry = Registry("metric", "harness.metrics.base:Metric")
+METRICS.add("fid", "harness.metrics.fidelity:FID")
+METRICS.add("kid", "harness.metrics.fidelity:KID")
+METRICS.add("is", "harness.metrics.fidelity:InceptionScore")
+METRICS.add("exact_err", "harness.metrics.reference:ExactError")
+METRICS.add("mse_ref", "harness.metrics.reference:MSEToReference")
+METRICS.add("wall_s_per_sample", "harness.metrics.cost:WallPerSample")
+METRICS.add("peak_mem_mb", "harness.metrics.cost:PeakMemory")

@@ -1,0 +1,44 @@
+"""Errors against a reference solution from the same noise: exact_err and mse_ref."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from harness import references
+from harness.metrics.base import EvalContext, Metric, MetricValue
+
+
+def _reference(ctx: EvalContext, kind: str) -> tuple[np.ndarray, str]:
+    cell = ctx.cell
+    args = (ctx.cache_dir, cell["model"], ctx.model_spec, kind, cell["seed"], cell["num_samples"], ctx.methods)
+    ref = references.load_or_compute(*args, device=ctx.device)
+    return ref, references.reference_path(*args).name
+
+
+def _per_sample_sq_err(samples: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    diff = samples.astype(np.float64) - ref.astype(np.float64)
+    return (diff.reshape(len(diff), -1) ** 2).sum(1)
+
+
+class ExactError(Metric):
+    """RMS over samples of the Euclidean distance to the exact PF-ODE solution."""
+
+    name = "exact_err"
+
+    def compute(self, ctx: EvalContext) -> MetricValue:
+        ref, ref_name = _reference(ctx, "exact")
+        value = float(np.sqrt(_per_sample_sq_err(ctx.samples, ref).mean()))
+        return MetricValue(value, provenance={"reference": ref_name, "solver": "scipy DOP853",
+                                              "rtol": references.EXACT_RTOL})
+
+
+class MSEToReference(Metric):
+    """Mean squared error per dimension against the high-NFE reference solution."""
+
+    name = "mse_ref"
+
+    def compute(self, ctx: EvalContext) -> MetricValue:
+        ref, ref_name = _reference(ctx, "solver")
+        dims = int(np.prod(ctx.samples.shape[1:]))
+        value = float(_per_sample_sq_err(ctx.samples, ref).mean() / dims)
+        return MetricValue(value, provenance={"reference": ref_name, **ctx.model_spec["reference"]})

@@ -1,0 +1,16 @@
+"""Model adapters: each turns a models.yaml entry into a Denoiser."""
+
+from __future__ import annotations
+
+import torch
+
+from harness.registry import Registry
+
+MODELS: Registry = Registry("model adapter", "harness.models.base:Denoiser")
+MODELS.add("gmm2d", "harness.models.analytic:GaussianMixture")
+MODELS.add("digits_ideal", "harness.models.analytic:IdealDenoiser")
+
+
+def load_denoiser(spec: dict, device: str | torch.device = "cpu"):
+    """Build the Denoiser for one validated models.yaml entry."""
+    return MODELS.get(spec["adapter"]).from_config(spec, torch.device(device))

@@ -1,0 +1,94 @@
+"""The Denoiser interface: D(x~, sigma~, cond) -> x0_hat on scaled variables.
+
+Every model adapter produces one. Analytic models implement `denoise` directly; networks that
+predict eps, v, x0 or a flow velocity on unscaled inputs go through `NetworkDenoiser`, which is the
+single place where prediction types are converted.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from harness.schedules import NoiseProcess
+
+
+@dataclass
+class DenoiserInfo:
+    """What a sampler, a metric or the report needs to know about a model."""
+
+    data_shape: tuple[int, ...]
+    data_range: tuple[float, float]
+    prediction: str  # what the wrapped network predicts: x0 | eps | v | flow
+    process: NoiseProcess
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    latent: bool = False  # samples live in a latent space; `decode` maps them to data
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Denoiser(ABC):
+    info: DenoiserInfo
+
+    @abstractmethod
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """x: [B, *data_shape] scaled noisy input; sigma: [B] scaled noise levels; returns x0_hat."""
+
+    def __call__(self, x: torch.Tensor, sigma, cond: Any = None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        return self.denoise(x, sigma, cond)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Latent models map samples to data; pixel models return them unchanged."""
+        return x0
+
+    @property
+    def process(self) -> NoiseProcess:
+        return self.info.process
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class NetworkDenoiser(Denoiser):
+    """Wraps net(x_t, t, cond) on unscaled inputs with native time t into the scaled convention.
+
+    x_t = alpha * x~; the network's output is converted to x0_hat according to `info.prediction`.
+    """
+
+    def __init__(self, net: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], info: DenoiserInfo):
+        self.net = net
+        self.info = info
+
+    def denoise(self, x, sigma, cond=None):
+        process = self.info.process
+        sig = sigma.detach().cpu().double().numpy()
+        alpha = torch.as_tensor(process.alpha(sig), dtype=x.dtype, device=x.device)
+        t = torch.as_tensor(process.t(sig), dtype=x.dtype, device=x.device)
+        x_t = x * _bcast(alpha, x)
+        out = self.net(x_t, t, cond)
+        return prediction_to_x0(self.info.prediction, out, x_t, _bcast(alpha, x), _bcast(alpha * sigma, x))
+
+
+def prediction_to_x0(prediction: str, out, x_t, alpha, sigma_unscaled):
+    """x0 from a network output, given x_t = alpha x0 + sigma eps (sigma here is unscaled)."""
+    if prediction == "x0":
+        return out
+    if prediction == "eps":
+        return (x_t - sigma_unscaled * out) / alpha
+    if prediction == "v":  # v = alpha eps - sigma x0, for alpha^2 + sigma^2 = 1
+        return alpha * x_t - sigma_unscaled * out
+    if prediction == "flow":  # rectified flow: v = eps - x0, alpha = 1 - t, sigma = t
+        return x_t - sigma_unscaled * out
+    raise ValueError(f"prediction type {prediction!r} unknown; valid: x0, eps, v, flow")
+
+
+def as_numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy()

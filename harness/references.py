@@ -1,0 +1,102 @@
+"""Cached reference solutions from the same noise as a cell.
+
+- "exact": for analytic models, the PF-ODE solved by scipy's DOP853 (rtol 1e-10) in u = log sigma~,
+  dx~/du = x~ - D(x~, e^u), from sigma_max to sigma_min, then the same final denoising step every
+  solver takes to sigma = 0. That makes the exact target the limit of every consistent solver.
+- "solver": a high-NFE run of the model's configured reference method (models.yaml `reference`).
+
+Both are keyed by (model spec, seed, number of samples, kind and solver) and stored under the cache
+directory, so the Snakemake reference rule and a standalone `stepbench evaluate` share one file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.config import config_hash
+from harness.errors import ConfigError, StepbenchError
+from harness.models import load_denoiser
+from harness.noise import SampleNoise
+
+EXACT_RTOL = 1e-10
+EXACT_ATOL = 1e-10
+KINDS = ("exact", "solver")
+
+
+def reference_key(model_spec: dict, kind: str, seed: int, num_samples: int, methods: dict) -> str:
+    solver = _reference_method(model_spec, methods) if kind == "solver" else {"dop853_rtol": EXACT_RTOL}
+    return config_hash(model_spec, kind, seed, num_samples, solver)
+
+
+def reference_path(cache_dir: Path, model_id: str, model_spec: dict, kind: str, seed: int, num_samples: int,
+                   methods: dict) -> Path:
+    key = reference_key(model_spec, kind, seed, num_samples, methods)
+    return Path(cache_dir) / "references" / model_id / f"{kind}-{key}.npz"
+
+
+def load_or_compute(cache_dir, model_id, model_spec, kind, seed, num_samples, methods, device="cpu") -> np.ndarray:
+    path = reference_path(cache_dir, model_id, model_spec, kind, seed, num_samples, methods)
+    if not path.exists():
+        compute(path, model_id, model_spec, kind, seed, num_samples, methods, device)
+    return np.load(path)["samples"]
+
+
+def compute(path: Path, model_id, model_spec, kind, seed, num_samples, methods, device="cpu") -> None:
+    denoiser = load_denoiser(model_spec, device)
+    if kind == "exact":
+        if not denoiser.info.extra.get("analytic"):
+            raise StepbenchError(f"exact_err needs an analytic model; {model_id!r} is not (use mse_ref)")
+        samples, recipe = _exact_solution(denoiser, seed, num_samples), {"solver": "scipy DOP853", "rtol": EXACT_RTOL}
+    elif kind == "solver":
+        from harness.cells import generate
+        from harness.methods import make_sampler
+
+        spec = _reference_method(model_spec, methods)
+        nfe = model_spec["reference"]["nfe"]
+        batch = model_spec.get("batch_size", 250)
+        result = generate(denoiser, make_sampler(spec), nfe, seed, num_samples, batch)
+        samples, recipe = result.samples, {"method": model_spec["reference"]["method"], "nfe": nfe, "spec": spec}
+    else:
+        raise ValueError(f"reference kind {kind!r}; valid: {KINDS}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, samples=samples.astype(np.float32), recipe=json.dumps(recipe))
+    tmp.replace(path)
+
+
+def _reference_method(model_spec: dict, methods: dict) -> dict:
+    ref = model_spec.get("reference")
+    if ref is None:
+        raise ConfigError("mse_ref needs a 'reference: {method, nfe}' entry for the model in models.yaml")
+    if ref["method"] not in methods:
+        raise ConfigError(f"models.yaml: key 'reference.method': {ref['method']!r} unknown; valid: {', '.join(methods)}")
+    return methods[ref["method"]]
+
+
+def _exact_solution(denoiser, seed: int, num_samples: int, chunk: int = 500) -> np.ndarray:
+    from scipy.integrate import solve_ivp
+
+    process, info = denoiser.process, denoiser.info
+    s_max, s_min = process.sigma_max, process.sigma_min
+    out = []
+    for start in range(0, num_samples, chunk):
+        gen = SampleNoise(seed, range(start, min(start + chunk, num_samples)))
+        x0 = gen.randn(info.data_shape, dtype=torch.float64) * process.prior_std(s_max)
+        shape = x0.shape
+
+        def rhs(u, y):
+            x = torch.from_numpy(y).reshape(shape)
+            return (x - denoiser(x, math.exp(u))).reshape(-1).numpy()
+
+        sol = solve_ivp(rhs, (math.log(s_max), math.log(s_min)), x0.reshape(-1).numpy(), method="DOP853",
+                        rtol=EXACT_RTOL, atol=EXACT_ATOL)
+        if not sol.success:
+            raise StepbenchError(f"exact PF-ODE solve failed: {sol.message}")
+        x_min = torch.from_numpy(sol.y[:, -1]).reshape(shape)
+        out.append(denoiser(x_min, s_min).numpy())
+    return np.concatenate(out)

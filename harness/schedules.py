@@ -1,0 +1,262 @@
+"""Noise processes and time-step schedules.
+
+Every process is x_t = alpha(t) * x0 + sigma(t) * eps.  Samplers work on the scaled variables of
+EDM / k-diffusion, x~ = x_t / alpha and sigma~ = sigma / alpha, where every process becomes
+x~ = x0 + sigma~ * eps and the probability-flow ODE is dx~/dsigma~ = (x~ - D(x~, sigma~)) / sigma~.
+A process therefore only has to say how its native time t maps to sigma~ (for time-uniform grids and
+for calling networks) and how big the prior is at the start.
+
+Schedules are plain functions (process, n) -> n decreasing sigma~ values from sigma_max to sigma_min;
+`sigma_grid` appends the final 0, so n points mean n solver steps.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import numpy as np
+
+from harness.errors import ConfigError
+
+
+class NoiseProcess(ABC):
+    """Maps native time t to scaled noise level sigma~ and back (vectorised over numpy arrays)."""
+
+    kind: str
+
+    @abstractmethod
+    def sigma(self, t):
+        """Scaled noise level sigma~ = sigma(t) / alpha(t)."""
+
+    @abstractmethod
+    def t(self, sigma):
+        """Native time for a scaled noise level (inverse of `sigma`)."""
+
+    @abstractmethod
+    def alpha(self, sigma):
+        """Signal scale alpha at the time whose scaled noise level is `sigma`."""
+
+    @property
+    @abstractmethod
+    def t_range(self) -> tuple[float, float]:
+        """(t at sigma_min, t at sigma_max): the interval a sampler integrates over."""
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigma(self.t_range[0]))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigma(self.t_range[1]))
+
+    def prior_std(self, sigma: float) -> float:
+        """Std of x~ at the start, per coordinate: x_T = sigma(T) * eps, scaled by 1/alpha."""
+        return float(sigma)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+
+class VPDiscrete(NoiseProcess):
+    """DDPM: alpha_bar_k = prod(1 - beta_i) on integer steps k = 0..T-1; t is continuous in between.
+
+    Between integer steps log sigma~ is interpolated linearly, as k-diffusion's DiscreteSchedule does,
+    so any solver can ask for any sigma~ in range and a network gets a fractional timestep.
+    """
+
+    kind = "vp_discrete"
+
+    def __init__(self, betas):
+        self.betas = np.asarray(betas, dtype=np.float64)
+        self.alphas_cumprod = np.cumprod(1.0 - self.betas)
+        self.sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+        self._log_sigmas = np.log(self.sigmas)
+
+    @classmethod
+    def from_config(cls, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000):
+        n = int(num_train_timesteps)
+        if beta_schedule == "linear":
+            betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
+        elif beta_schedule == "scaled_linear":  # Stable Diffusion
+            betas = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
+        elif beta_schedule == "squaredcos_cap_v2":  # improved DDPM cosine
+            f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+            betas = np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)])
+        else:
+            raise ConfigError(
+                f"beta_schedule {beta_schedule!r} unknown; valid: linear, scaled_linear, squaredcos_cap_v2"
+            )
+        return cls(betas)
+
+    def sigma(self, t):
+        return np.exp(np.interp(t, np.arange(len(self.sigmas)), self._log_sigmas))
+
+    def t(self, sigma):
+        return np.interp(np.log(sigma), self._log_sigmas, np.arange(len(self.sigmas)))
+
+    def alpha(self, sigma):
+        return 1.0 / np.sqrt(1.0 + np.asarray(sigma) ** 2)
+
+    @property
+    def t_range(self):
+        return 0.0, float(len(self.sigmas) - 1)
+
+    def prior_std(self, sigma):
+        # DDPM starts from x_T ~ N(0, I), i.e. x~ = x_T / alpha_T.
+        return float(math.sqrt(1.0 + sigma**2))
+
+
+class VPContinuous(NoiseProcess):
+    """Score-SDE VP with linear beta(t) on t in [t_eps, 1]."""
+
+    kind = "vp_continuous"
+
+    def __init__(self, beta_min=0.1, beta_max=20.0, t_eps=1e-3):
+        self.beta_min, self.beta_d, self.t_eps = float(beta_min), float(beta_max - beta_min), float(t_eps)
+
+    def _log_mean_coeff_sq(self, t):  # -log alpha(t)^2
+        t = np.asarray(t, dtype=np.float64)
+        return 0.5 * self.beta_d * t**2 + self.beta_min * t
+
+    def sigma(self, t):
+        return np.sqrt(np.expm1(self._log_mean_coeff_sq(t)))
+
+    def t(self, sigma):
+        log1p_s2 = np.log1p(np.asarray(sigma, dtype=np.float64) ** 2)
+        return (np.sqrt(self.beta_min**2 + 2 * self.beta_d * log1p_s2) - self.beta_min) / self.beta_d
+
+    def alpha(self, sigma):
+        return 1.0 / np.sqrt(1.0 + np.asarray(sigma) ** 2)
+
+    @property
+    def t_range(self):
+        return self.t_eps, 1.0
+
+    def prior_std(self, sigma):
+        return float(math.sqrt(1.0 + sigma**2))
+
+
+class EDM(NoiseProcess):
+    """Variance exploding, in EDM's parametrisation sigma(t) = t, alpha = 1."""
+
+    kind = "edm"
+
+    def __init__(self, sigma_min=0.002, sigma_max=80.0):
+        self._range = (float(sigma_min), float(sigma_max))
+
+    def sigma(self, t):
+        return np.asarray(t, dtype=np.float64)
+
+    def t(self, sigma):
+        return np.asarray(sigma, dtype=np.float64)
+
+    def alpha(self, sigma):
+        return np.ones_like(np.asarray(sigma, dtype=np.float64))
+
+    @property
+    def t_range(self):
+        return self._range
+
+
+class RectifiedFlow(NoiseProcess):
+    """x_t = (1 - t) x0 + t eps (flow matching); sigma~ = t / (1 - t).
+
+    The scaled variables are singular at t = 1, so sampling starts at t_max < 1 (default 1 - 1e-4).
+    """
+
+    kind = "rectified_flow"
+
+    def __init__(self, t_min=1e-4, t_max=1 - 1e-4):
+        self._range = (float(t_min), float(t_max))
+
+    def sigma(self, t):
+        t = np.asarray(t, dtype=np.float64)
+        return t / (1.0 - t)
+
+    def t(self, sigma):
+        sigma = np.asarray(sigma, dtype=np.float64)
+        return sigma / (1.0 + sigma)
+
+    def alpha(self, sigma):
+        return 1.0 / (1.0 + np.asarray(sigma, dtype=np.float64))
+
+    @property
+    def t_range(self):
+        return self._range
+
+
+PROCESSES: dict[str, Callable[..., NoiseProcess]] = {
+    "vp_discrete": VPDiscrete.from_config,
+    "vp_continuous": VPContinuous,
+    "edm": EDM,
+    "rectified_flow": RectifiedFlow,
+}
+
+
+def make_process(spec: dict) -> NoiseProcess:
+    params = dict(spec)
+    kind = params.pop("kind")
+    if kind not in PROCESSES:
+        raise ConfigError(f"process kind {kind!r} unknown; valid: {', '.join(PROCESSES)}")
+    return PROCESSES[kind](**params)
+
+
+# ---- schedules: (process, n) -> n decreasing sigma~ values from sigma_max to sigma_min ----
+
+
+def time_uniform(process: NoiseProcess, n: int) -> np.ndarray:
+    t_lo, t_hi = process.t_range
+    return process.sigma(np.linspace(t_hi, t_lo, n))
+
+
+def logsnr_uniform(process: NoiseProcess, n: int) -> np.ndarray:
+    return np.exp(np.linspace(math.log(process.sigma_max), math.log(process.sigma_min), n))
+
+
+def edm_rho(process: NoiseProcess, n: int, rho: float = 7.0) -> np.ndarray:
+    ramp = np.linspace(0.0, 1.0, n)
+    lo, hi = process.sigma_min ** (1 / rho), process.sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def time_quadratic(process: NoiseProcess, n: int) -> np.ndarray:
+    """Quadratic in native time (DDIM's 'quad' skip): dense near the data end."""
+    t_lo, t_hi = process.t_range
+    ramp = np.linspace(1.0, 0.0, n)
+    return process.sigma(t_lo + (t_hi - t_lo) * ramp**2)
+
+
+def explicit(process: NoiseProcess, n: int, sigmas=None, timesteps=None) -> np.ndarray:
+    """A given list (e.g. Align-Your-Steps), as sigma~ or as native timesteps; length must be n."""
+    if (sigmas is None) == (timesteps is None):
+        raise ConfigError("explicit schedule: give exactly one of 'sigmas' or 'timesteps'")
+    values = np.asarray(sigmas if sigmas is not None else process.sigma(np.asarray(timesteps, float)), float)
+    if len(values) != n:
+        raise ConfigError(f"explicit schedule has {len(values)} points; this cell needs {n}")
+    return values
+
+
+SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
+    "time_uniform": time_uniform,
+    "logsnr_uniform": logsnr_uniform,
+    "edm_rho": edm_rho,
+    "time_quadratic": time_quadratic,
+    "explicit": explicit,
+}
+
+
+def sigma_grid(process: NoiseProcess, steps: int, spec: dict) -> np.ndarray:
+    """steps + 1 values: `steps` noise levels where the network is evaluated, then 0."""
+    params = dict(spec)
+    kind = params.pop("kind")
+    if kind not in SCHEDULES:
+        raise ConfigError(f"schedule kind {kind!r} unknown; valid: {', '.join(SCHEDULES)}")
+    if steps == 1:
+        sigmas = np.array([process.sigma_max])
+    else:
+        sigmas = np.asarray(SCHEDULES[kind](process, steps, **params), dtype=np.float64)
+    if np.any(np.diff(sigmas) >= 0) or sigmas[-1] <= 0:
+        raise ConfigError(f"schedule {spec} does not give strictly decreasing positive noise levels")
+    return np.append(sigmas, 0.0)
