@@ -1,0 +1,51 @@
+"""The grid model x method x NFE: which cells run, and why the others cannot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.config import load_methods, load_models, load_yaml, lookup, validate
+from harness.errors import UnsupportedNFE
+
+DEFAULT_GRID_FILE = Path("profiles/default/grid.yaml")
+
+
+@dataclass(frozen=True)
+class GridCell:
+    model: str
+    method: str
+    nfe: int
+    supported: bool
+    reason: str = ""  # why an unsupported cell cannot run
+
+    def path(self, results_dir: str | Path) -> Path:
+        return Path(results_dir) / "cells" / self.model / self.method / f"nfe{self.nfe}"
+
+
+def load_grid(path: str | Path) -> dict:
+    grid = load_yaml(path)
+    validate(grid, "grid", path)
+    return grid
+
+
+def expand_grid(grid: dict, models: dict | None = None, methods: dict | None = None) -> list[GridCell]:
+    """All cells of the grid; models/methods default to the files the grid names."""
+    from harness.methods import make_sampler
+
+    models_file = grid.get("models_file", "models.yaml")
+    methods_file = grid.get("methods_file", "methods.yaml")
+    models = models if models is not None else load_models(models_file)
+    methods = methods if methods is not None else load_methods(methods_file)
+    cells = []
+    for model_id in grid["models"]:
+        lookup(models, model_id, models_file, "model")
+        for method_id in grid["methods"]:
+            sampler = make_sampler(lookup(methods, method_id, methods_file, "method"))
+            for nfe in grid["nfe"]:
+                try:
+                    sampler.check_nfe(nfe)
+                    cells.append(GridCell(model_id, method_id, nfe, True))
+                except UnsupportedNFE as err:
+                    cells.append(GridCell(model_id, method_id, nfe, False, str(err)))
+    return cells
