@@ -1,0 +1,41 @@
+# stepbench: the grid model x method x NFE -> samples -> metrics -> leaderboard.
+# All logic lives in the `harness` package; rules only call the `stepbench` CLI.
+#   snakemake --cores all                              # default embedded grid (profiles/default)
+#   snakemake --cores all --configfile my-grid.yaml    # another grid (keys: harness/schemas/grid.schema.yaml)
+
+import sys
+
+from snakemake.utils import min_version, validate
+
+from harness.errors import StepbenchError
+from harness.workflow import plan
+
+min_version("8.0")
+
+
+configfile: "profiles/default/grid.yaml"
+
+
+validate(config, "harness/schemas/grid.schema.yaml")
+
+try:
+    PLAN = plan(config)
+except StepbenchError as err:  # bad config: one line, no traceback
+    sys.exit(f"stepbench: error: {err}")
+
+RESULTS = PLAN.results_dir
+CACHE = PLAN.cache_dir
+COMMON = PLAN.common_args  # --models-file/--methods-file/--cache-dir for every CLI call
+
+
+include: "rules/zoo.smk"
+include: "rules/reference.smk"
+include: "rules/sample.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        f"{config['reports_dir']}/index.html",
+        f"{config['reports_dir']}/results.csv",

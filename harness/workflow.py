@@ -1,0 +1,73 @@
+"""What the Snakefile needs to know: cells to run and the cached artifacts each evaluation needs.
+
+The Snakefile stays thin: it asks `plan(config)` for concrete paths, so a cached file's name is
+computed in one place (the harness) for both the workflow and a standalone `stepbench evaluate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import references
+from harness.config import load_methods, load_models
+from harness.grid import GridCell, expand_grid
+
+# metric -> reference solution kind it reads
+REFERENCE_KIND = {"exact_err": "exact", "mse_ref": "solver"}
+FIDELITY_METRICS = {"fid", "kid", "is", "prc"}
+
+
+@dataclass
+class Plan:
+    results_dir: Path
+    cache_dir: Path
+    common_args: str
+    seed: int
+    cells: list[GridCell]  # supported cells only
+    num_samples: dict[str, int]  # per model
+    references: dict[tuple[str, str], Path] = field(default_factory=dict)  # (model, kind) -> file
+    extractors: dict[str, Path] = field(default_factory=dict)  # name -> weights file
+    refstats: dict[tuple[str, str], Path] = field(default_factory=dict)  # (dataset, extractor) -> file
+    eval_inputs: dict[str, list[Path]] = field(default_factory=dict)  # model -> cached files it needs
+
+    def cell_dir(self, model: str, method: str, nfe) -> Path:
+        return GridCell(model, method, int(nfe), True).path(self.results_dir)
+
+
+def plan(config: dict) -> Plan:
+    models = load_models(config["models_file"])
+    methods = load_methods(config["methods_file"])
+    results_dir = Path(config["results_dir"])
+    cache_dir = results_dir / "cache"
+    seed = config["seed"]
+    cells = [c for c in expand_grid(config, models, methods) if c.supported]
+    result = Plan(
+        results_dir=results_dir,
+        cache_dir=cache_dir,
+        common_args=f"--models-file {config['models_file']} --methods-file {config['methods_file']}",
+        seed=seed,
+        cells=cells,
+        num_samples={m: config.get("num_samples") or models[m].get("num_samples", 1000) for m in config["models"]},
+    )
+    for model_id in config["models"]:
+        spec = models[model_id]
+        needs: list[Path] = []
+        for metric in spec["metrics"]:
+            if metric in REFERENCE_KIND:
+                kind = REFERENCE_KIND[metric]
+                path = references.reference_path(cache_dir, model_id, spec, kind, seed, result.num_samples[model_id],
+                                                 methods)
+                result.references[(model_id, kind)] = path
+                needs.append(path)
+            elif metric in FIDELITY_METRICS:
+                from harness.metrics.features import extractor_path
+                from harness.metrics.fidelity import reference_statistics_path
+
+                extractor, dataset = spec["feature_extractor"], spec["dataset"]
+                result.extractors[extractor] = extractor_path(cache_dir, extractor)
+                stats = reference_statistics_path(cache_dir, dataset, extractor)
+                result.refstats[(dataset, extractor)] = stats
+                needs += [result.extractors[extractor], stats]
+        result.eval_inputs[model_id] = sorted(set(needs))
+    return result

@@ -1,0 +1,40 @@
+# Cached reference work: dataset statistics per (dataset, extractor) and reference solutions per
+# (model, seeds) for exact_err / mse_ref. Paths come from the harness, so `stepbench evaluate`
+# outside the workflow finds the same files.
+
+
+for (_dataset, _extractor), _path in PLAN.refstats.items():
+
+    rule:
+        name:
+            f"refstats_{_dataset}_{_extractor}"
+        input:
+            PLAN.extractors[_extractor],
+        output:
+            _path,
+        params:
+            dataset=_dataset,
+            extractor=_extractor,
+        log:
+            f"{RESULTS}/logs/refstats_{_dataset}_{_extractor}.log",
+        shell:
+            "stepbench refstats --dataset {params.dataset} --extractor {params.extractor}"
+            " --cache-dir {CACHE} > {log} 2>&1"
+
+
+for (_model, _kind), _path in PLAN.references.items():
+
+    rule:
+        name:
+            f"reference_{_kind}_{_model}".replace("-", "_")
+        output:
+            _path,
+        params:
+            model=_model,
+            kind=_kind,
+            num_samples=PLAN.num_samples[_model],
+        log:
+            f"{RESULTS}/logs/reference_{_kind}_{_model}.log",
+        shell:
+            "stepbench reference --model {params.model} --kind {params.kind}"
+            " --num-samples {params.num_samples} --seed {PLAN.seed} {COMMON} --cache-dir {CACHE} > {log} 2>&1"

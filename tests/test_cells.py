@@ -1,0 +1,156 @@
+"""The cell contract: paired batch-independent noise, audited NFE, diverged cells as results."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from harness.cells import generate, run_cell
+from harness.config import load_methods, load_models
+from harness.evaluate import evaluate_cell
+from harness.methods import make_sampler
+from harness.models import load_denoiser
+from harness.models.base import Denoiser
+from harness.noise import SampleNoise
+
+from conftest import REPO
+
+MODELS = load_models(REPO / "models.yaml")
+METHODS = load_methods(REPO / "methods.yaml")
+
+
+def _cell(tmp_path, name, model="digits-ideal", method="dpmpp_2m", nfe=8, n=40, batch=None, keep_noise=False):
+    out = tmp_path / name
+    run_cell(model, MODELS[model], method, METHODS[method], nfe, out, n, seed=3, batch_size=batch,
+             keep_noise=keep_noise, device="cpu")
+    return out
+
+
+@pytest.mark.parametrize("model", ["gmm2d", "digits-ideal"])
+@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m"])
+def test_samples_byte_identical_across_runs_and_batch_sizes(tmp_path, model, method):
+    runs = [_cell(tmp_path, f"b{b}-{i}", model, method, nfe=9, batch=b) for i, b in enumerate([40, 40, 7, 1])]
+    arrays = [np.load(r / "samples.npz")["samples"] for r in runs]
+    assert arrays[0].dtype == np.float32 and arrays[0].shape[0] == 40
+    for other in arrays[1:]:
+        assert arrays[0].tobytes() == other.tobytes()
+
+
+def test_sample_i_depends_only_on_seed_and_index(tmp_path):
+    small = np.load(_cell(tmp_path, "n10", n=10) / "samples.npz")["samples"]
+    large = np.load(_cell(tmp_path, "n40", n=40) / "samples.npz")["samples"]
+    assert small.tobytes() == large[:10].tobytes()
+
+
+def test_methods_share_the_initial_noise(tmp_path):
+    a = np.load(_cell(tmp_path, "a", method="euler", keep_noise=True) / "samples.npz")["noise"]
+    b = np.load(_cell(tmp_path, "b", method="heun", nfe=9, keep_noise=True) / "samples.npz")["noise"]
+    expected = SampleNoise(3, range(40)).randn((1, 8, 8), dtype=torch.float32).numpy()
+    assert a.tobytes() == b.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m"])
+def test_measured_nfe_equals_requested(tmp_path, method):
+    for nfe in (4, 5, 8, 9, 20, 21):
+        sampler = make_sampler(METHODS[method])
+        try:
+            sampler.check_nfe(nfe)
+        except Exception:
+            assert method == "heun" and nfe % 2 == 0
+            continue
+        cell = json.loads((_cell(tmp_path, f"{method}{nfe}", "gmm2d", method, nfe, n=12, batch=5) / "cell.json").read_text())
+        assert cell["nfe"] == nfe and cell["nfe_measured"] == nfe
+
+
+def test_cell_json_carries_contract_fields(tmp_path):
+    cell = json.loads((_cell(tmp_path, "c") / "cell.json").read_text())
+    for key in ("model", "method", "family", "nfe", "nfe_measured", "num_samples", "seed", "wall_s",
+                "peak_mem_mb", "status", "provenance"):
+        assert key in cell
+    prov = cell["provenance"]
+    assert prov["config_hash"] and prov["device"].startswith("cpu") and "torch" in prov["packages"]
+
+
+class _Exploding(Denoiser):
+    """Returns huge values so a solver overflows: a diverged cell must be a result, not a crash."""
+
+    def __init__(self, inner):
+        self.info = inner.info
+
+    def denoise(self, x, sigma, cond=None):
+        return x * torch.tensor(float("inf"), dtype=x.dtype)
+
+
+def test_diverged_cell_is_a_result(tmp_path):
+    denoiser = _Exploding(load_denoiser(MODELS["gmm2d"]))
+    result = generate(denoiser, make_sampler(METHODS["euler"]), 4, 0, 6, 6)
+    assert result.status == "diverged"
+
+
+def test_evaluate_diverged_cell_gives_null_quality(tmp_path):
+    out = _cell(tmp_path, "d", "gmm2d", "euler", nfe=4, n=6)
+    cell = json.loads((out / "cell.json").read_text())
+    cell["status"] = "diverged"
+    (out / "cell.json").write_text(json.dumps(cell))
+    result = evaluate_cell(out, MODELS["gmm2d"], METHODS, ["exact_err", "wall_s_per_sample"], tmp_path / "cache")
+    assert result["exact_err"] is None and result["wall_s_per_sample"] > 0
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_sample_and_evaluate_round_trip(repo_files):
+    out = repo_files / "cell"
+    run = _cli("sample", "--model", "gmm2d", "--method", "heun", "--nfe", "21", "--out", str(out),
+               "--num-samples", "20", "--keep-noise", cwd=repo_files)
+    assert run.returncode == 0, run.stderr
+    data = np.load(out / "samples.npz")
+    assert data["samples"].shape == (20, 2) and data["noise"].shape == (20, 2)
+    run = _cli("evaluate", str(out), "--metrics", "exact_err,wall_s_per_sample", "--cache-dir",
+               str(repo_files / "cache"), cwd=repo_files)
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["exact_err"] < 1.0
+    assert metrics["provenance"]["exact_err"]["solver"] == "scipy DOP853"
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--model", "nope", "--method", "euler", "--nfe", "4"], "models.yaml: no model 'nope'; valid: gmm2d, digits-ideal"),
+        (["--model", "gmm2d", "--method", "nope", "--nfe", "4"], "methods.yaml: no method 'nope'; valid: euler"),
+        (["--model", "gmm2d", "--method", "heun", "--nfe", "8"], "NFE=8 cannot be met; nearest: 7, 9"),
+        (["--model", "gmm2d", "--method", "euler", "--nfe", "4", "--models-file", "missing.yaml"],
+         "missing.yaml: file not found"),
+    ],
+)
+def test_cli_bad_input_is_one_line(repo_files, args, expected):
+    run = _cli("sample", *args, "--out", str(repo_files / "x"), cwd=repo_files)
+    assert run.returncode != 0
+    assert expected in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+    assert not (repo_files / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        ("gmm2d:\n  adapter: gmm2d\n  process: {kind: edm\n", "models.yaml: malformed YAML at line"),
+        ("gmm2d:\n  adapter: gmm2d\n  process: {kind: warp}\n  metrics: []\n",
+         "models.yaml: key 'gmm2d.process.kind': 'warp' is not one of"),
+        ("gmm2d:\n  adapter: nope\n  process: {kind: edm}\n  metrics: []\n",
+         "models.yaml: key 'gmm2d.adapter': 'nope' unknown; valid: digits_ideal, gmm2d"),
+        ("gmm2d:\n  adapter: gmm2d\n  process: {kind: edm}\n  metrics: [fidd]\n",
+         "models.yaml: key 'gmm2d.metrics.0': 'fidd' unknown; valid:"),
+    ],
+)
+def test_cli_bad_config_is_one_line(repo_files, edit, expected):
+    (repo_files / "models.yaml").write_text(edit)
+    run = _cli("sample", "--model", "gmm2d", "--method", "euler", "--nfe", "4", "--out", str(repo_files / "x"),
+               cwd=repo_files)
+    assert run.returncode != 0 and expected in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
