@@ -1,0 +1,102 @@
+"""Noise processes and time-step schedules, cross-checked against diffusers where it has them."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+from harness.errors import ConfigError
+from harness.schedules import (
+    EDM,
+    RectifiedFlow,
+    VPContinuous,
+    VPDiscrete,
+    make_process,
+    sigma_grid,
+)
+
+PROCESSES = [
+    VPDiscrete.from_config("linear", 1e-4, 0.02, 1000),
+    VPDiscrete.from_config("scaled_linear", 0.00085, 0.012, 1000),
+    VPDiscrete.from_config("squaredcos_cap_v2", num_train_timesteps=1000),
+    VPContinuous(),
+    EDM(0.002, 80.0),
+    RectifiedFlow(),
+]
+
+
+@pytest.mark.parametrize("beta_schedule, start, end", [("linear", 1e-4, 0.02), ("scaled_linear", 0.00085, 0.012),
+                                                       ("squaredcos_cap_v2", 1e-4, 0.02)])
+def test_vp_discrete_matches_diffusers_alphas_cumprod(beta_schedule, start, end):
+    ours = VPDiscrete.from_config(beta_schedule, start, end, 1000)
+    theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=start, beta_end=end)
+    # diffusers keeps betas in float32, so compare betas at float32 precision, then the products
+    np.testing.assert_allclose(ours.betas, theirs.betas.double().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ours.alphas_cumprod, np.cumprod(1 - theirs.betas.double().numpy()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.kind)
+def test_time_and_sigma_are_inverse(process):
+    t = np.linspace(*process.t_range, 37)
+    np.testing.assert_allclose(process.t(process.sigma(t)), t, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.kind)
+def test_alpha_and_sigma_reconstruct_the_process(process):
+    sig = process.sigma(np.linspace(*process.t_range, 11))
+    alpha = process.alpha(sig)
+    if process.kind.startswith("vp"):  # variance preserving: alpha^2 + (alpha sigma~)^2 = 1
+        np.testing.assert_allclose(alpha**2 + (alpha * sig) ** 2, 1.0, rtol=1e-12)
+    if process.kind == "rectified_flow":  # alpha + sigma = 1
+        np.testing.assert_allclose(alpha + alpha * sig, 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.kind)
+@pytest.mark.parametrize("kind", ["time_uniform", "logsnr_uniform", "edm_rho", "time_quadratic"])
+def test_schedules_span_the_process_and_end_at_zero(process, kind):
+    grid = sigma_grid(process, 10, {"kind": kind})
+    assert len(grid) == 11 and grid[-1] == 0
+    np.testing.assert_allclose([grid[0], grid[-2]], [process.sigma_max, process.sigma_min], rtol=1e-9)
+    assert np.all(np.diff(grid) < 0)
+
+
+def test_edm_rho_matches_diffusers_karras_sigmas():
+    process = VPDiscrete.from_config("linear", 1e-4, 0.02, 1000)
+    sched = DPMSolverMultistepScheduler(beta_schedule="linear", use_karras_sigmas=True)
+    in_sigmas = torch.from_numpy(process.sigmas[::-1].copy())
+    theirs = sched._convert_to_karras(in_sigmas=in_sigmas, num_inference_steps=12)
+    ours = sigma_grid(process, 12, {"kind": "edm_rho", "rho": 7.0})[:-1]
+    np.testing.assert_allclose(ours, np.asarray(theirs, dtype=np.float64), rtol=1e-10)
+
+
+def test_logsnr_uniform_matches_diffusers_lu_lambdas():
+    process = VPDiscrete.from_config("linear", 1e-4, 0.02, 1000)
+    sched = DPMSolverMultistepScheduler(beta_schedule="linear")
+    lambdas = -np.log(process.sigmas[::-1].copy())  # lambda = log(alpha / sigma), from sigma_max down
+    theirs = np.exp(-np.asarray(sched._convert_to_lu(in_lambdas=torch.from_numpy(lambdas), num_inference_steps=9)))
+    ours = sigma_grid(process, 9, {"kind": "logsnr_uniform"})[:-1]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10)
+
+
+def test_explicit_schedule_in_timesteps():
+    process = VPDiscrete.from_config("linear", 1e-4, 0.02, 1000)
+    grid = sigma_grid(process, 3, {"kind": "explicit", "timesteps": [999, 500, 0]})
+    np.testing.assert_allclose(grid[:-1], process.sigmas[[999, 500, 0]], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"kind": "warp"}, "schedule kind 'warp' unknown; valid:"),
+        ({"kind": "explicit", "sigmas": [3.0, 2.0]}, "explicit schedule has 2 points; this cell needs 3"),
+        ({"kind": "explicit", "sigmas": [1.0, 2.0, 3.0]}, "strictly decreasing"),
+    ],
+)
+def test_bad_schedules_are_config_errors(spec, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        sigma_grid(EDM(), 3, spec)
+
+
+def test_make_process_rejects_unknown_kind():
+    with pytest.raises(ConfigError, match="process kind 'warp' unknown"):
+        make_process({"kind": "warp"})
