@@ -32,7 +32,8 @@ def test_vp_discrete_matches_diffusers_alphas_cumprod(beta_schedule, start, end)
     theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=start, beta_end=end)
     # diffusers keeps betas in float32, so compare betas at float32 precision, then the products
     np.testing.assert_allclose(ours.betas, theirs.betas.double().numpy(), rtol=1e-6)
-    np.testing.assert_allclose(ours.alphas_cumprod, np.cumprod(1 - theirs.betas.double().numpy()), rtol=1e-5)
+    # (the cosine schedule clips its last beta to 0.999, where float32 rounding of beta is 1e-5 of 1 - beta)
+    np.testing.assert_allclose(ours.alphas_cumprod, np.cumprod(1 - theirs.betas.double().numpy()), rtol=1e-4)
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.kind)
