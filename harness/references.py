@@ -51,7 +51,7 @@ def compute(path: Path, model_id, model_spec, kind, seed, num_samples, methods, 
     if kind == "exact":
         if not denoiser.info.extra.get("analytic"):
             raise StepbenchError(f"exact_err needs an analytic model; {model_id!r} is not (use mse_ref)")
-        samples, recipe = _exact_solution(denoiser, seed, num_samples), {"solver": "scipy DOP853", "rtol": EXACT_RTOL}
+        samples, recipe = exact_solution(denoiser, seed, num_samples), {"solver": "scipy DOP853", "rtol": EXACT_RTOL}
     elif kind == "solver":
         from harness.cells import generate
         from harness.methods import make_sampler
@@ -78,7 +78,7 @@ def _reference_method(model_spec: dict, methods: dict) -> dict:
     return methods[ref["method"]]
 
 
-def _exact_solution(denoiser, seed: int, num_samples: int, chunk: int = 500) -> np.ndarray:
+def exact_solution(denoiser, seed: int, num_samples: int, chunk: int = 500) -> np.ndarray:
     from scipy.integrate import solve_ivp
 
     process, info = denoiser.process, denoiser.info

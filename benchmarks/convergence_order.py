@@ -1,0 +1,98 @@
+"""Empirical convergence orders of the ODE solvers on gmm2d.
+
+For each solver: exact_err (RMS over samples of the Euclidean distance to the exact PF-ODE solution
+from the same noise) at NFE about 20, 40 and 80, and the order measured as minus the slope of
+log exact_err against log NFE, next to the solver's theoretical order.
+
+    python benchmarks/convergence_order.py [--samples 1000] [--models-file models.yaml] [SOLVER ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harness.config import load_models
+from harness.methods import make_sampler
+from harness.methods.family_solver import SOLVERS
+from harness.models import load_denoiser
+from harness.noise import SampleNoise
+from harness.references import exact_solution
+
+TARGET_NFES = (20, 40, 80)
+DEFAULT_SOLVERS = ("euler", "heun", "dpmpp_2m")
+SCHEDULE = {"kind": "edm_rho", "rho": 7.0}
+
+
+@dataclass
+class Problem:
+    """The model, the seed of the paired noise and the exact solutions from that noise."""
+
+    denoiser: object
+    seed: int
+    exact: np.ndarray
+
+
+@dataclass
+class Convergence:
+    solver: str
+    nfes: list[int]
+    errors: list[float]
+    order: float  # measured: -slope of log exact_err vs log NFE
+    theory: int
+
+
+def make_problem(num_samples: int = 1000, seed: int = 0, models_file: str = "models.yaml") -> Problem:
+    denoiser = load_denoiser(load_models(models_file)["gmm2d"])
+    return Problem(denoiser, seed, exact_solution(denoiser, seed, num_samples))
+
+
+def budgets(name: str) -> list[int]:
+    """The smallest NFE at or above each target that the solver meets exactly (Heun needs odd NFE)."""
+    rule = SOLVERS[name].nfe
+    nfes = []
+    for target in TARGET_NFES:
+        steps = max(rule.min_steps, -(-(target + rule.saved_at_end) // rule.per_step))
+        nfes.append(rule.nfe(steps))
+    return nfes
+
+
+def exact_err(samples: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.sum((samples - exact) ** 2, axis=1))))
+
+
+def measure(problem: Problem, name: str) -> Convergence:
+    sampler = make_sampler({"family": "solver", "solver": name, "schedule": SCHEDULE})
+    nfes = budgets(name)
+    errors = []
+    for nfe in nfes:
+        # as harness.cells.generate does: the first draw is x_T, later draws feed stochastic solvers
+        noise = SampleNoise(problem.seed, range(len(problem.exact)))
+        start = noise.randn(problem.denoiser.info.data_shape, dtype=torch.float64)
+        samples = sampler.sample(problem.denoiser, start, nfe, None, noise)
+        errors.append(exact_err(samples.numpy(), problem.exact))
+    slope = np.polyfit(np.log(nfes), np.log(errors), 1)[0]
+    return Convergence(name, nfes, errors, float(-slope), SOLVERS[name].order)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("solvers", nargs="*", default=list(DEFAULT_SOLVERS), help="solver names (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--models-file", default="models.yaml")
+    args = parser.parse_args()
+
+    problem = make_problem(args.samples, models_file=args.models_file)
+    print(f"gmm2d ({problem.denoiser.process.kind} process), {args.samples} samples, EDM rho=7 steps")
+    print(f"{'solver':<16}{'theory':>7}{'measured':>10}   exact_err at NFE")
+    for name in args.solvers:
+        c = measure(problem, name)
+        errs = "  ".join(f"{n}: {e:.3e}" for n, e in zip(c.nfes, c.errors))
+        print(f"{c.solver:<16}{c.theory:>7}{c.order:>10.2f}   {errs}")
+
+
+if __name__ == "__main__":
+    main()
