@@ -25,11 +25,12 @@ except StepbenchError as err:  # bad config: one line, no traceback
 
 RESULTS = PLAN.results_dir
 CACHE = PLAN.cache_dir
-COMMON = PLAN.common_args  # --models-file/--methods-file/--cache-dir for every CLI call
+COMMON = PLAN.common_args  # --models-file/--methods-file for every CLI call
 
 
 include: "rules/zoo.smk"
 include: "rules/reference.smk"
+include: "rules/prepare.smk"
 include: "rules/sample.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness import prepared
 from harness.config import config_hash
 from harness.methods import make_sampler
-from harness.models import load_denoiser
+from harness.models import load_denoiser, resolve_device
 from harness.models.base import Denoiser
 from harness.nfe import CountingDenoiser
 from harness.noise import SampleNoise
@@ -62,10 +63,12 @@ def run_cell(
     batch_size: int | None = None,
     keep_noise: bool = False,
     device: str | None = None,
+    cache_dir: Path | None = None,
 ) -> dict:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     sampler = make_sampler(method_spec)
     sampler.check_nfe(nfe)  # fail before loading a model
+    prepared_record = prepared.load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe)
     denoiser = load_denoiser(model_spec, device)
     batch_size = batch_size or model_spec.get("batch_size", 250)
     if torch.device(device).type == "cuda":
@@ -92,6 +95,7 @@ def run_cell(
         "wall_s": result.wall_s,
         "peak_mem_mb": peak_mb,
         "status": result.status,
+        "prepared": prepared_record,  # side data made in its own job, and what it cost
         "provenance": {
             "config_hash": config_hash(model_spec, method_spec, nfe, seed, num_samples),
             "model_spec": model_spec,

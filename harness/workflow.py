@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import references
+from harness import prepared, references
 from harness.config import load_methods, load_models
 from harness.grid import GridCell, expand_grid
+from harness.methods import make_sampler
 
 # metric -> reference solution kind it reads
 REFERENCE_KIND = {"exact_err": "exact", "mse_ref": "solver"}
@@ -30,6 +31,18 @@ class Plan:
     extractors: dict[str, Path] = field(default_factory=dict)  # name -> weights file
     refstats: dict[tuple[str, str], Path] = field(default_factory=dict)  # (dataset, extractor) -> file
     eval_inputs: dict[str, list[Path]] = field(default_factory=dict)  # model -> cached files it needs
+    prepared: dict[tuple[str, str, int], Path] = field(default_factory=dict)  # cell -> its method's side data
+
+    def prepared_for(self, model: str, method: str, nfe) -> list[Path]:
+        path = self.prepared.get((model, method, int(nfe)))
+        return [path] if path else []
+
+    def prepare_jobs(self) -> dict[Path, tuple[str, str, int]]:
+        """One job per distinct artifact (a per-model artifact serves every NFE)."""
+        jobs: dict[Path, tuple[str, str, int]] = {}
+        for cell, path in self.prepared.items():
+            jobs.setdefault(path, cell)
+        return jobs
 
     def cell_dir(self, model: str, method: str, nfe) -> Path:
         return GridCell(model, method, int(nfe), True).path(self.results_dir)
@@ -50,6 +63,12 @@ def plan(config: dict) -> Plan:
         cells=cells,
         num_samples={m: config.get("num_samples") or models[m].get("num_samples", 1000) for m in config["models"]},
     )
+    for cell in cells:
+        sampler = make_sampler(methods[cell.method])
+        path = prepared.artifact_path(cache_dir, cell.model, models[cell.model], cell.method, methods[cell.method],
+                                      sampler.prepare_scope, cell.nfe)
+        if path is not None:
+            result.prepared[(cell.model, cell.method, cell.nfe)] = path
     for model_id in config["models"]:
         spec = models[model_id]
         needs: list[Path] = []
@@ -61,11 +80,11 @@ def plan(config: dict) -> Plan:
                 result.references[(model_id, kind)] = path
                 needs.append(path)
             elif metric in FIDELITY_METRICS:
-                from harness.metrics.features import extractor_path
+                from harness.metrics.features import weights_path
                 from harness.metrics.fidelity import reference_statistics_path
 
                 extractor, dataset = spec["feature_extractor"], spec["dataset"]
-                result.extractors[extractor] = extractor_path(cache_dir, extractor)
+                result.extractors[extractor] = weights_path(cache_dir, extractor)
                 stats = reference_statistics_path(cache_dir, dataset, extractor)
                 result.refstats[(dataset, extractor)] = stats
                 needs += [result.extractors[extractor], stats]

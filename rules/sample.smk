@@ -2,6 +2,8 @@
 
 
 rule sample:
+    input:
+        prepared=lambda wc: PLAN.prepared_for(wc.model, wc.method, wc.nfe),
     output:
         samples=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/samples.npz",
         cell=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/cell.json",
@@ -14,4 +16,4 @@ rule sample:
         f"{RESULTS}/logs/sample/{{model}}__{{method}}__nfe{{nfe}}.log",
     shell:
         "stepbench sample --model {wildcards.model} --method {wildcards.method} --nfe {wildcards.nfe}"
-        " --out {params.out} --num-samples {params.num_samples} --seed {PLAN.seed} {COMMON} > {log} 2>&1"
+        " --out {params.out} --num-samples {params.num_samples} --seed {PLAN.seed} {COMMON} --cache-dir {CACHE} > {log} 2>&1"

@@ -18,9 +18,22 @@ from harness.noise import SampleNoise
 
 class Sampler(ABC):
     family: str
+    # Methods with side data (model statistics, fitted ratios, searched schedules) compute it once
+    # in a job of its own and sampling only loads it (harness.prepared): None = nothing to prepare,
+    # "model" = one artifact per (model, method), "nfe" = one per (model, method, NFE).
+    prepare_scope: str | None = None
 
     def __init__(self, spec: dict):
         self.spec = spec
+
+    def prepare(self, denoiser: Denoiser, nfe: int | None, calibration_seed: int) -> dict:
+        """Compute the side data, drawing calibration noise as SampleNoise(calibration_seed, range(k))
+        (disjoint from every cell's noise). Returns a torch.save-able dict."""
+        raise NotImplementedError(f"{type(self).__name__} has nothing to prepare")
+
+    def use_prepared(self, artifact: dict) -> None:
+        """Take the side data made by `prepare` before sampling."""
+        raise NotImplementedError(f"{type(self).__name__} has nothing to prepare")
 
     @abstractmethod
     def check_nfe(self, nfe: int) -> None:

@@ -11,6 +11,11 @@ MODELS.add("gmm2d", "harness.models.analytic:GaussianMixture")
 MODELS.add("digits_ideal", "harness.models.analytic:IdealDenoiser")
 
 
+def resolve_device(device: str | None) -> str:
+    """The requested device, else CUDA when present, else CPU."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_denoiser(spec: dict, device: str | torch.device = "cpu"):
     """Build the Denoiser for one validated models.yaml entry."""
     return MODELS.get(spec["adapter"]).from_config(spec, torch.device(device))

@@ -1,0 +1,63 @@
+"""Prepared artifacts: a method's side data, cached per (model, method, params[, NFE]).
+
+Preparation runs in its own job (`stepbench prepare`, rules/prepare.smk); a sampling job only loads
+the file and fails with one line if it is missing, so side data is never recomputed silently and its
+cost is reported apart from the cell's. Calibration noise comes from seeds disjoint from every
+cell's, so a fitted method is never tuned on the noise it is evaluated on.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from harness.config import config_hash
+from harness.errors import StepbenchError
+from harness.models import load_denoiser
+from harness.nfe import CountingDenoiser
+
+CALIBRATION_SEED = 2**31 - 1  # cells use small seeds; calibration draws never coincide with theirs
+
+
+def artifact_path(cache_dir, model_id: str, model_spec: dict, method_id: str, method_spec: dict, scope: str | None,
+                  nfe: int) -> Path | None:
+    if scope is None:
+        return None
+    key_nfe = nfe if scope == "nfe" else None
+    key = config_hash(model_spec, method_spec, key_nfe, CALIBRATION_SEED)
+    suffix = f"-nfe{nfe}" if scope == "nfe" else ""
+    return Path(cache_dir) / "prepared" / model_id / f"{method_id}{suffix}-{key}.pt"
+
+
+def prepare(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe: int, device="cpu") -> Path:
+    path = artifact_path(cache_dir, model_id, model_spec, method_id, method_spec, sampler.prepare_scope, nfe)
+    if path is None:
+        raise StepbenchError(f"method {method_id!r} has nothing to prepare")
+    if path.exists():
+        return path
+    denoiser = CountingDenoiser(load_denoiser(model_spec, device))
+    t0 = time.perf_counter()
+    artifact = sampler.prepare(denoiser, nfe if sampler.prepare_scope == "nfe" else None, CALIBRATION_SEED)
+    cost = {"wall_s": time.perf_counter() - t0, "denoiser_rows": denoiser.rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"artifact": artifact, "cost": cost}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe: int) -> dict | None:
+    """Hand the artifact to the sampler; returns its record for cell.json (None if nothing needed)."""
+    path = artifact_path(cache_dir, model_id, model_spec, method_id, method_spec, sampler.prepare_scope, nfe)
+    if path is None:
+        return None
+    if not path.exists():
+        raise StepbenchError(
+            f"{path}: prepared artifact missing; run `stepbench prepare --model {model_id} --method {method_id}"
+            f" --nfe {nfe}` first"
+        )
+    saved = torch.load(path, weights_only=False)
+    sampler.use_prepared(saved["artifact"])
+    return {"path": str(path), **saved["cost"]}
