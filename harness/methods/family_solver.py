@@ -24,6 +24,8 @@ class SolverSampler(Sampler):
         self.solver = SOLVERS[name]
         self.schedule = spec.get("schedule", {"kind": "edm_rho", "rho": 7.0})
         self.params = spec.get("params", {})
+        self.prepare_scope = self.solver.prepare_scope
+        self.prepared: dict | None = None
 
     def check_nfe(self, nfe: int) -> None:
         self.solver.nfe.steps(nfe, self.name)
@@ -31,12 +33,25 @@ class SolverSampler(Sampler):
     def sigmas(self, process, nfe: int):
         return [float(s) for s in sigma_grid(process, self.solver.nfe.steps(nfe, self.name), self.schedule)]
 
+    def prepare(self, denoiser, nfe, calibration_seed):
+        sigmas = self.sigmas(denoiser.process, nfe) if self.prepare_scope == "nfe" else None
+        with torch.no_grad():
+            return self.solver.prepare(denoiser, sigmas, calibration_seed, **self.params)
+
+    def use_prepared(self, artifact: dict) -> None:
+        self.prepared = artifact
+
     def sample(self, denoiser, noise, nfe, cond=None, generator=None):
-        sigmas = self.sigmas(denoiser.process, nfe)
+        extra = {}
+        if self.prepare_scope is not None:
+            if self.prepared is None:
+                raise RuntimeError(f"solver {self.name!r} needs its prepared artifact (harness.prepared.load)")
+            extra["prepared"] = self.prepared
+        sigmas = (self.prepared or {}).get("sigmas") or self.sigmas(denoiser.process, nfe)
         x = noise * denoiser.process.prior_std(sigmas[0])
 
         def model(x, sigma):
             return denoiser(x, sigma, cond)
 
         with torch.no_grad():
-            return self.solver.fn(model, x, sigmas, noise=generator, **self.params)
+            return self.solver.fn(model, x, sigmas, noise=generator, **self.params, **extra)

@@ -52,14 +52,26 @@ class Solver:
     fn: Callable
     nfe: NFERule
     order: int  # order of accuracy of the deterministic ODE solver (for convergence checks)
+    # Side data made once in its own job (harness.prepared) and passed to `fn` as prepared=...:
+    #   prepare(denoiser, sigmas, calibration_seed, **params) -> dict
+    # with sigmas the cell's schedule when prepare_scope == "nfe", None when it is "model".
+    # An artifact holding "sigmas" replaces the schedule (searched time steps).
+    prepare: Callable | None = None
+    prepare_scope: str | None = None
 
 
 SOLVERS: dict[str, Solver] = {}
 
 
-def solver(name: str, order: int, nfe: NFERule = NFERule()):
+def solver(name: str, order: int, nfe: NFERule = NFERule(), prepare: Callable | None = None,
+           prepare_scope: str | None = None):
+    if (prepare is None) != (prepare_scope is None) or prepare_scope not in (None, "model", "nfe"):
+        raise ValueError(f"solver {name!r}: give prepare together with prepare_scope 'model' or 'nfe'")
+
     def wrap(fn):
-        SOLVERS[name] = Solver(fn, nfe, order)
+        if name in SOLVERS:
+            raise ValueError(f"solver {name!r} registered twice")
+        SOLVERS[name] = Solver(fn, nfe, order, prepare, prepare_scope)
         return fn
 
     return wrap
