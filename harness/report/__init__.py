@@ -1,0 +1,39 @@
+"""The leaderboard: results directory (+ grid) -> OUT/results.csv, OUT/index.html, OUT/plots/*.png.
+
+Everything but the generation timestamp in index.html is a function of the inputs, so two runs over
+the same results give byte-identical files otherwise.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from harness.config import load_methods, load_models
+from harness.grid import expand_grid, load_grid
+from harness.report.collect import collect_results
+from harness.report.html import render_page
+from harness.report.layout import plan_layout
+from harness.report.plots import write_plots
+
+__all__ = ["collect_results", "render_report"]
+
+
+def render_report(results_dir: Path, out: Path, grid_file: Path | None, models_file: Path, methods_file: Path) -> None:
+    results_dir, out = Path(results_dir), Path(out)
+    models, methods = load_models(models_file), load_methods(methods_file)
+    grid = load_grid(grid_file) if grid_file else None
+    grid_cells = expand_grid(grid, models, methods) if grid else None
+    collected = collect_results(results_dir, grid_cells, methods)
+    layouts = plan_layout(collected.results, models, methods, grid)
+
+    out.mkdir(parents=True, exist_ok=True)
+    collected.results.to_csv(out / "results.csv", index=False)
+    plots = write_plots(collected.results, layouts, out / "plots")
+    page = render_page(
+        collected, layouts, plots,
+        results_dir=str(results_dir), grid_file=str(grid_file) if grid_file else None,
+        generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        models=models, methods=methods,
+    )
+    (out / "index.html").write_text(page, encoding="utf-8")

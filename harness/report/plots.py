@@ -1,0 +1,70 @@
+"""Quality vs NFE, one PNG per (model, metric), one line per method."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg is used for PNG
+from matplotlib.ticker import NullLocator
+
+from harness.report.layout import ModelLayout, direction_label, higher_is_better
+
+MARKERS = "osD^v<>ph*"
+
+
+def plot_file_name(model: str, metric: str) -> str:
+    safe = [re.sub(r"[^A-Za-z0-9._-]", "_", part) for part in (model, metric)]
+    return f"{safe[0]}__{safe[1]}.png"
+
+
+def write_plots(results: pd.DataFrame, layouts: list[ModelLayout], plots_dir: Path) -> dict[tuple[str, str], str]:
+    """Plot every metric that has at least one finite value of an ok cell.
+
+    Returns (model, metric) -> file name inside plots_dir.
+    """
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    # One colour and marker per method across all plots, so a method looks the same everywhere.
+    all_methods = list(dict.fromkeys(method for layout in layouts for method in layout.methods))
+    styles = {method: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, method in enumerate(all_methods)}
+    plotted = results[(results["status"] == "ok") & results["value"].notna()]
+    written = {}
+    for layout in layouts:
+        for metric in layout.metrics:
+            points = plotted[(plotted["model"] == layout.model) & (plotted["metric"] == metric)]
+            if points.empty:
+                continue
+            name = plot_file_name(layout.model, metric)
+            _plot(points, layout, metric, styles, plots_dir / name)
+            written[(layout.model, metric)] = name
+    return written
+
+
+def _plot(points: pd.DataFrame, layout: ModelLayout, metric: str, styles: dict, path: Path) -> None:
+    fig = Figure(figsize=(5.5, 3.6), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for method in layout.methods:
+        line = points[points["method"] == method].sort_values("nfe")
+        if line.empty:
+            continue
+        colour, marker = styles[method]
+        below, above = (line["value"] - line["ci_low"]).fillna(0), (line["ci_high"] - line["value"]).fillna(0)
+        ax.errorbar(line["nfe"].astype(int), line["value"], yerr=[below, above], color=colour, marker=marker,
+                    capsize=3, label=method)
+    # Errors shrink by orders of magnitude as NFE grows: a log axis shows convergence orders as slopes.
+    # Within one decade it only crowds the tick labels.
+    values = points["value"]
+    if not higher_is_better(metric) and (values > 0).all() and values.max() >= 10 * values.min():
+        ax.set_yscale("log")
+    # A narrow NFE range on a log axis crowds neighbouring tick labels (20, 21) together.
+    nfes = layout.nfes
+    ax.set_xscale("log" if nfes[-1] >= 10 * nfes[0] else "linear")
+    ax.set_xticks(nfes, [str(nfe) for nfe in nfes], fontsize=8)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("NFE (network evaluations per sample)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{layout.model}: {metric} ({direction_label(metric)})", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, format="png", metadata={"Software": None})

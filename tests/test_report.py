@@ -1,0 +1,249 @@
+"""The leaderboard report: results.csv, index.html and plots from a small fake results directory."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from harness.cli import cli
+from harness.errors import StepbenchError
+from harness.metrics import METRICS
+from harness.metrics.base import Metric
+from harness.report import render_report
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED_COLUMNS = ["model", "method", "family", "nfe", "nfe_measured", "network_evals", "metric", "value", "ci_low",
+                    "ci_high", "status", "reason", "num_samples", "seed", "wall_s", "config_hash", "device"]
+
+
+def write_cell(results: Path, model: str, method: str, nfe: int, metrics: dict | None, *, status: str = "ok",
+               nfe_measured: float | None = None, ci: dict | None = None, where: str | None = None) -> Path:
+    """A cell as `stepbench sample` + `evaluate` write it; metrics=None leaves it unevaluated."""
+    cell_dir = results / (where or f"cells/{model}/{method}/nfe{nfe}")
+    cell_dir.mkdir(parents=True)
+    measured = float(nfe if nfe_measured is None else nfe_measured)
+    cell = {"model": model, "method": method, "family": "solver", "nfe": nfe, "nfe_measured": measured,
+            "network_evals": measured, "num_samples": 100, "seed": 0, "batch_size": 100, "wall_s": 0.5,
+            "peak_mem_mb": 300.0, "status": status,
+            "provenance": {"config_hash": f"hash-{method}-{nfe}", "device": "cpu (test)", "git": "abc123",
+                           "python": "3.11.7", "packages": {"torch": "2.0.0", "numpy": "1.26.0"}}}
+    (cell_dir / "cell.json").write_text(json.dumps(cell))
+    if metrics is not None:
+        record = {"status": status, "ci": ci or {}, "provenance": {name: {"test": name} for name in metrics}, **metrics}
+        (cell_dir / "metrics.json").write_text(json.dumps(record))
+    return cell_dir
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """gmm2d x {euler, heun, dpmpp_2m} x NFE {4, 5}: ok, unsupported (heun@4), missing (dpmpp_2m@4),
+    diverged (dpmpp_2m@5, stored at a path that does not name it) and an NFE audit mismatch (heun@5)."""
+    models_file, methods_file = tmp_path / "models.yaml", tmp_path / "methods.yaml"
+    shutil.copy(REPO / "models.yaml", models_file)
+    shutil.copy(REPO / "methods.yaml", methods_file)
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"models": ["gmm2d"], "methods": ["euler", "heun", "dpmpp_2m"], "nfe": [4, 5],
+                                         "models_file": str(models_file), "methods_file": str(methods_file)}))
+    results = tmp_path / "results"
+    write_cell(results, "gmm2d", "euler", 4, {"exact_err": 0.5, "wall_s_per_sample": 2e-4})
+    write_cell(results, "gmm2d", "euler", 5, {"exact_err": 0.3, "wall_s_per_sample": 3e-4, "score": 0.9},
+               ci={"exact_err": [0.28, 0.32]})
+    write_cell(results, "gmm2d", "heun", 5, {"exact_err": 0.1, "wall_s_per_sample": 4e-4, "score": 0.5},
+               nfe_measured=6)
+    # Diverged cells keep their cost: the fastest wall time here must not win.
+    write_cell(results, "gmm2d", "dpmpp_2m", 5, {"exact_err": None, "wall_s_per_sample": 1e-6}, status="diverged",
+               where="cells/misfiled/somewhere")
+    return {"results": results, "out": tmp_path / "report", "grid": grid_file, "models": models_file,
+            "methods": methods_file}
+
+
+def render(ws: dict, *, grid: bool = True, out: Path | None = None) -> Path:
+    out = out or ws["out"]
+    render_report(ws["results"], out, ws["grid"] if grid else None, ws["models"], ws["methods"])
+    return out
+
+
+class BoardParser(HTMLParser):
+    """Leaderboard tables: (model, metric) -> {(method, nfe): (css classes, text)}, plus footer notes."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: dict[tuple[str, str], dict] = {}
+        self.footers: dict[tuple[str, str], str] = {}
+        self.images: list[str] = []
+        self._table = self._cell = None
+        self._in_tfoot = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table" and "data-metric" in attrs:
+            self._table = (attrs["data-model"], attrs["data-metric"])
+            self.tables[self._table] = {}
+            self.footers[self._table] = ""
+        elif tag == "tfoot":
+            self._in_tfoot = True
+        elif tag == "td" and self._table and "data-method" in attrs:
+            self._cell = (attrs["data-method"], int(attrs["data-nfe"]))
+            self.tables[self._table][self._cell] = (set(attrs["class"].split()), "")
+        elif tag == "img":
+            self.images.append(attrs["src"])
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = None
+        elif tag == "tfoot":
+            self._in_tfoot = False
+        elif tag == "td":
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell:
+            classes, text = self.tables[self._table][self._cell]
+            self.tables[self._table][self._cell] = (classes, text + data)
+        elif self._in_tfoot:
+            self.footers[self._table] += data
+
+
+def parse_page(out: Path) -> BoardParser:
+    parser = BoardParser()
+    parser.feed((out / "index.html").read_text())
+    return parser
+
+
+def best_cells(table: dict) -> set:
+    return {key for key, (classes, _) in table.items() if "best" in classes}
+
+
+def test_results_csv_has_one_row_per_cell_and_metric(workspace):
+    results = pd.read_csv(render(workspace) / "results.csv", keep_default_na=False, na_values=[""])
+    assert set(REQUIRED_COLUMNS) <= set(results.columns)
+    assert results.equals(results.sort_values(["model", "method", "nfe", "metric"], na_position="first")
+                          .reset_index(drop=True))
+    rows = {(r.method, r.nfe, r.metric if isinstance(r.metric, str) else None): r for r in results.itertuples()}
+    assert set(rows) == {
+        ("dpmpp_2m", 4, None), ("dpmpp_2m", 5, "exact_err"), ("dpmpp_2m", 5, "wall_s_per_sample"),
+        ("euler", 4, "exact_err"), ("euler", 4, "wall_s_per_sample"),
+        ("euler", 5, "exact_err"), ("euler", 5, "score"), ("euler", 5, "wall_s_per_sample"),
+        ("heun", 4, None), ("heun", 5, "exact_err"), ("heun", 5, "score"), ("heun", 5, "wall_s_per_sample"),
+    }
+    euler5 = rows["euler", 5, "exact_err"]
+    assert (euler5.value, euler5.ci_low, euler5.ci_high, euler5.status) == (0.3, 0.28, 0.32, "ok")
+    assert (euler5.family, euler5.seed, euler5.num_samples, euler5.device) == ("solver", 0, 100, "cpu (test)")
+    assert euler5.config_hash == "hash-euler-5" and euler5.cell_dir == "cells/gmm2d/euler/nfe5"
+    assert rows["heun", 5, "exact_err"].nfe_measured == 6.0
+    unsupported = rows["heun", 4, None]
+    assert unsupported.status == "unsupported" and "NFE=4 cannot be met" in unsupported.reason
+    assert rows["dpmpp_2m", 4, None].status == "missing"
+    diverged = rows["dpmpp_2m", 5, "exact_err"]
+    assert diverged.status == "diverged" and pd.isna(diverged.value)
+    assert diverged.cell_dir == "cells/misfiled/somewhere"
+    assert rows["dpmpp_2m", 5, "wall_s_per_sample"].value == 1e-6
+
+
+def test_page_tables_show_status_and_highlight_best(workspace):
+    page = parse_page(render(workspace))
+    # models.yaml lists mse_ref and peak_mem_mb for gmm2d: no cell has them, so they show as missing.
+    assert set(page.tables) == {("gmm2d", m) for m in
+                                ("exact_err", "mse_ref", "wall_s_per_sample", "peak_mem_mb", "score")}
+    exact = page.tables["gmm2d", "exact_err"]
+    assert exact["heun", 4][1].startswith("n/a (") and "NFE=4 cannot be met" in exact["heun", 4][1]
+    assert exact["dpmpp_2m", 4] == ({"missing"}, "missing")
+    assert exact["dpmpp_2m", 5] == ({"diverged"}, "diverged")
+    assert exact["euler", 5][1] == "0.3 ± 0.02"
+    assert best_cells(exact) == {("euler", 4), ("heun", 5)}
+    assert best_cells(page.tables["gmm2d", "wall_s_per_sample"]) == {("euler", 4), ("euler", 5)}
+    assert page.tables["gmm2d", "wall_s_per_sample"]["dpmpp_2m", 5][1] == "1e-06 (diverged)"
+    mse_ref = {key: text for key, (_, text) in page.tables["gmm2d", "mse_ref"].items()}
+    assert mse_ref.pop(("heun", 4)).startswith("n/a (") and mse_ref.pop(("dpmpp_2m", 5)) == "diverged"
+    assert {text.removesuffix(" †") for text in mse_ref.values()} == {"missing"}  # † marks heun@5's audit flag
+    # NFE audit: heun@5 measured 6 evaluations per sample.
+    assert "audit-flag" in exact["heun", 5][0]
+    assert "heun @ NFE 5: measured 6" in page.footers["gmm2d", "exact_err"]
+
+
+def test_best_respects_the_metric_direction(workspace, monkeypatch):
+    page = parse_page(render(workspace, out=workspace["out"] / "unregistered"))
+    assert best_cells(page.tables["gmm2d", "score"]) == {("heun", 5)}  # unknown metric: lower is better
+    assert "assumed" in (workspace["out"] / "unregistered" / "index.html").read_text()
+
+    class Score(Metric):
+        name = "score"
+        higher_is_better = True
+
+        def compute(self, ctx):
+            raise NotImplementedError
+
+    monkeypatch.setitem(METRICS._entries, "score", Score)
+    page = parse_page(render(workspace, out=workspace["out"] / "registered"))
+    assert best_cells(page.tables["gmm2d", "score"]) == {("euler", 5)}
+
+
+def test_plots_are_pngs_linked_from_the_page(workspace):
+    out = render(workspace)
+    page = parse_page(out)
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    # mse_ref and peak_mem_mb have no value to plot.
+    assert plots == ["gmm2d__exact_err.png", "gmm2d__score.png", "gmm2d__wall_s_per_sample.png"]
+    assert sorted(page.images) == [f"plots/{name}" for name in plots]
+    for name in plots:
+        with Image.open(out / "plots" / name) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+            image.verify()
+
+
+def test_output_is_deterministic_apart_from_the_timestamp(workspace, tmp_path):
+    first, second = render(workspace, out=tmp_path / "a"), render(workspace, out=tmp_path / "b")
+    for name in ["results.csv", *(f"plots/{p.name}" for p in (first / "plots").iterdir())]:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+    def without_time(out: Path) -> str:
+        text = (out / "index.html").read_text()
+        assert len(re.findall(r"<time [^>]*>.*?</time>", text)) == 1
+        return re.sub(r"<time [^>]*>.*?</time>", "", text)
+
+    assert without_time(first) == without_time(second)
+
+
+def test_cli_report_without_grid_lists_only_found_cells(workspace):
+    out = workspace["out"]
+    result = CliRunner().invoke(cli, ["report", str(workspace["results"]), "--out", str(out),
+                                      "--models-file", str(workspace["models"]),
+                                      "--methods-file", str(workspace["methods"])])
+    assert result.exit_code == 0, result.output
+    assert str(out / "index.html") in result.output
+    results = pd.read_csv(out / "results.csv")
+    assert set(results["status"]) == {"ok", "diverged"}
+    exact = parse_page(out).tables["gmm2d", "exact_err"]
+    assert exact["heun", 4] == ({"not-run"}, "—")
+
+
+def test_unevaluated_cell_and_html_escaping(workspace):
+    write_cell(workspace["results"], "gmm2d", "<b>odd</b>", 5, {"exact_err": 0.2})
+    write_cell(workspace["results"], "gmm2d", "euler", 9, None)
+    out = render(workspace, grid=False)
+    html = (out / "index.html").read_text()
+    assert "<b>odd</b>" not in html and "&lt;b&gt;odd&lt;/b&gt;" in html
+    results = pd.read_csv(out / "results.csv")
+    unevaluated = results[(results["method"] == "euler") & (results["nfe"] == 9)]
+    assert list(unevaluated["status"]) == ["missing"] and unevaluated["metric"].isna().all()
+    assert parse_page(out).tables["gmm2d", "exact_err"]["euler", 9] == ({"missing"}, "missing")
+
+
+def test_bad_cells_fail_with_the_file_named(workspace):
+    broken = workspace["results"] / "cells" / "gmm2d" / "euler" / "nfe4" / "metrics.json"
+    broken.write_text("{")
+    with pytest.raises(StepbenchError, match=re.escape(str(broken))):
+        render(workspace)
+    broken.unlink()
+    write_cell(workspace["results"], "gmm2d", "euler", 5, {"exact_err": 0.3}, where="copy/of/euler5")
+    with pytest.raises(StepbenchError, match="gmm2d / euler / NFE 5 also at"):
+        render(workspace)
