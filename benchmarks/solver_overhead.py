@@ -1,0 +1,141 @@
+"""Per-step non-network overhead: stepbench's solvers versus the diffusers scheduler of the same
+algorithm, side by side in one run.
+
+The network costs nothing (it returns a fixed tensor), so what is timed is everything else a sampling
+loop does per network evaluation: schedule bookkeeping, the update arithmetic, wrappers (stepbench's
+Denoiser call and NFE counter; diffusers' scale_model_input and step). Batch 64 x 3 x 32 x 32 float32
+on CPU. Prints a table and, last, `worst_ratio_vs_diffusers=X` (stepbench / diffusers, worst pair).
+
+    python benchmarks/solver_overhead.py [--steps 25] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+from harness.methods.family_solver import SOLVERS, SolverSampler
+from harness.models.base import Denoiser, DenoiserInfo
+from harness.nfe import CountingDenoiser
+from harness.noise import SampleNoise
+from harness.schedules import VPDiscrete
+
+SHAPE = (64, 3, 32, 32)
+BETAS = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000)
+
+# stepbench method spec -> diffusers scheduler running the same algorithm
+PAIRS = [
+    ({"solver": "euler"}, lambda: DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=True)),
+    ({"solver": "euler"}, lambda: EulerDiscreteScheduler(**BETAS)),
+    ({"solver": "heun"}, lambda: HeunDiscreteScheduler(**BETAS)),
+    ({"solver": "dpmpp_2m"}, lambda: DPMSolverMultistepScheduler(**BETAS, solver_order=2)),
+    ({"solver": "dpmpp_3m"}, lambda: DPMSolverMultistepScheduler(**BETAS, solver_order=3)),
+    ({"solver": "sde_dpmpp_2m"}, lambda: DPMSolverMultistepScheduler(**BETAS, algorithm_type="sde-dpmsolver++")),
+    ({"solver": "dpmpp_2s"}, lambda: DPMSolverSinglestepScheduler(**BETAS, solver_order=2)),
+    ({"solver": "unipc_bh2"}, lambda: UniPCMultistepScheduler(**BETAS, solver_type="bh2")),
+    ({"solver": "deis_3"}, lambda: DEISMultistepScheduler(**BETAS, solver_order=3)),
+    ({"solver": "plms"}, lambda: PNDMScheduler(**BETAS, skip_prk_steps=True)),
+    ({"solver": "lms"}, lambda: LMSDiscreteScheduler(**BETAS)),
+    ({"solver": "euler_ancestral"}, lambda: EulerAncestralDiscreteScheduler(**BETAS)),
+    ({"solver": "ddpm"}, lambda: DDPMScheduler(**BETAS)),
+]
+
+
+class ConstantDenoiser(Denoiser):
+    """A network that costs nothing: always the same x0."""
+
+    def __init__(self, x0: torch.Tensor):
+        self.x0 = x0
+        self.info = DenoiserInfo(data_shape=SHAPE[1:], data_range=(-1, 1), prediction="x0",
+                                 process=VPDiscrete.from_config(**BETAS), dtype=torch.float32)
+
+    def denoise(self, x, sigma, cond=None):
+        return self.x0
+
+
+def time_stepbench(spec: dict, nfe: int, x_T: torch.Tensor, x0: torch.Tensor, repeats: int) -> float:
+    sampler = SolverSampler({"family": "solver", **spec})
+    denoiser = ConstantDenoiser(x0)
+    noise = SampleNoise(0, range(SHAPE[0]))
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up allocator and thread pool; dropped
+        counted = CountingDenoiser(denoiser)
+        t0 = time.perf_counter()
+        sampler.sample(counted, x_T, nfe, None, noise)
+        times.append(time.perf_counter() - t0)
+        assert counted.nfe_per_sample(SHAPE[0]) == nfe
+    return statistics.median(times[1:]) / nfe
+
+
+def time_diffusers(make_scheduler, steps: int, x_T: torch.Tensor, eps: torch.Tensor, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        sched = make_scheduler()
+        # stochastic schedulers draw noise; give them a generator like stepbench's per-sample ones
+        extra = {"generator": torch.Generator().manual_seed(0)} if _takes_generator(sched) else {}
+        t0 = time.perf_counter()
+        sched.set_timesteps(steps)
+        x = x_T * sched.init_noise_sigma
+        for t in sched.timesteps:
+            sched.scale_model_input(x, t)
+            x = sched.step(eps, t, x, **extra).prev_sample
+        times.append(time.perf_counter() - t0)
+        evals = len(sched.timesteps)
+    return statistics.median(times[1:]) / evals
+
+
+def _takes_generator(sched) -> bool:
+    import inspect
+
+    return "generator" in inspect.signature(sched.step).parameters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    gen = torch.Generator().manual_seed(0)
+    x_T, x0, eps = (torch.randn(SHAPE, generator=gen) for _ in range(3))
+
+    rows, ratios = [], []
+    for spec, make_scheduler in PAIRS:
+        name = spec["solver"]
+        scheduler_name = type(make_scheduler()).__name__
+        if name not in SOLVERS:
+            rows.append((name, scheduler_name, None, None, "not implemented in stepbench yet"))
+            continue
+        ours = time_stepbench(spec, SOLVERS[name].nfe.nfe(args.steps), x_T, x0, args.repeats)
+        theirs = time_diffusers(make_scheduler, args.steps, x_T, eps, args.repeats)
+        ratios.append(ours / theirs)
+        rows.append((name, scheduler_name, ours, theirs, f"ratio {ours / theirs:.3f}"))
+
+    print(f"per-network-evaluation overhead, batch {'x'.join(map(str, SHAPE))} float32, CPU "
+          f"({torch.get_num_threads()} threads), median of {args.repeats}")
+    print(f"{'stepbench':<18} {'diffusers':<34} {'ours (us)':>10} {'diffusers (us)':>15}  note")
+    for name, sched, ours, theirs, note in rows:
+        ours_s = f"{ours * 1e6:10.1f}" if ours is not None else f"{'-':>10}"
+        theirs_s = f"{theirs * 1e6:15.1f}" if theirs is not None else f"{'-':>15}"
+        print(f"{name:<18} {sched:<34} {ours_s} {theirs_s}  {note}")
+    print(f"worst_ratio_vs_diffusers={max(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()
