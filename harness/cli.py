@@ -45,9 +45,10 @@ def cli() -> None:
 @click.option("--keep-noise", is_flag=True, help="Also store the initial noise in samples.npz.")
 @models_file_opt
 @methods_file_opt
+@cache_opt
 @device_opt
 def sample(model_id, method_id, nfe, out, num_samples, seed, batch_size, keep_noise, models_file, methods_file,
-           device):
+           cache_dir, device):
     """Generate one cell: OUT/samples.npz and OUT/cell.json.
 
     Example: stepbench sample --model gmm2d --method heun --nfe 9 --out results/cells/gmm2d/heun/nfe9
@@ -59,7 +60,8 @@ def sample(model_id, method_id, nfe, out, num_samples, seed, batch_size, keep_no
     model_spec = lookup(models, model_id, models_file, "model")
     method_spec = lookup(methods, method_id, methods_file, "method")
     cell = run_cell(model_id, model_spec, method_id, method_spec, nfe, out,
-                    num_samples or model_spec.get("num_samples", 1000), seed, batch_size, keep_noise, device)
+                    num_samples or model_spec.get("num_samples", 1000), seed, batch_size, keep_noise, device,
+                    cache_dir)
     click.echo(f"{model_id} / {method_id} / NFE {nfe}: {cell['status']}, nfe_measured={cell['nfe_measured']:g}, "
                f"{cell['wall_s']:.2f}s -> {out}")
 
@@ -76,6 +78,7 @@ def evaluate(cell_dir, metric_list, models_file, methods_file, cache_dir, device
     """Compute metrics of a sampled cell: CELL_DIR/metrics.json."""
     from harness.config import load_methods, load_models, lookup
     from harness.evaluate import evaluate_cell
+    from harness.models import resolve_device
 
     cell_json = cell_dir / "cell.json"
     if not cell_json.is_file():
@@ -83,9 +86,34 @@ def evaluate(cell_dir, metric_list, models_file, methods_file, cache_dir, device
     model_id = json.loads(cell_json.read_text())["model"]
     model_spec = lookup(load_models(models_file), model_id, models_file, "model")
     names = [m.strip() for m in metric_list.split(",") if m.strip()] if metric_list else model_spec["metrics"]
-    result = evaluate_cell(cell_dir, model_spec, load_methods(methods_file), names, cache_dir, device or "cpu")
+    result = evaluate_cell(cell_dir, model_spec, load_methods(methods_file), names, cache_dir,
+                           resolve_device(device))
     click.echo(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in result.items() if k in names))
+
+
+@cli.command()
+@click.option("--model", "model_id", required=True, help="Model id from the models file.")
+@click.option("--method", "method_id", required=True, help="Method id from the methods file.")
+@click.option("--nfe", type=click.IntRange(min=1), required=True,
+              help="The cell's NFE (ignored by methods whose side data does not depend on it).")
+@models_file_opt
+@methods_file_opt
+@cache_opt
+@device_opt
+def prepare(model_id, method_id, nfe, models_file, methods_file, cache_dir, device):
+    """Compute a method's prepared artifact (statistics, fitted ratios, searched schedule) once."""
+    from harness import prepared
+    from harness.config import load_methods, load_models, lookup
+    from harness.methods import make_sampler
+    from harness.models import resolve_device
+
+    model_spec = lookup(load_models(models_file), model_id, models_file, "model")
+    method_spec = lookup(load_methods(methods_file), method_id, methods_file, "method")
+    sampler = make_sampler(method_spec)
+    sampler.check_nfe(nfe)
+    click.echo(prepared.prepare(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe,
+                                resolve_device(device)))
 
 
 @cli.command()
@@ -102,11 +130,12 @@ def reference(model_id, kind, num_samples, seed, models_file, methods_file, cach
     """Compute (or find cached) the reference solution used by exact_err / mse_ref."""
     from harness import references
     from harness.config import load_methods, load_models, lookup
+    from harness.models import resolve_device
 
     spec = lookup(load_models(models_file), model_id, models_file, "model")
     methods = load_methods(methods_file)
     n = num_samples or spec.get("num_samples", 1000)
-    references.load_or_compute(cache_dir, model_id, spec, kind, seed, n, methods, device or "cpu")
+    references.load_or_compute(cache_dir, model_id, spec, kind, seed, n, methods, resolve_device(device))
     click.echo(references.reference_path(cache_dir, model_id, spec, kind, seed, n, methods))
 
 
