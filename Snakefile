@@ -25,7 +25,7 @@ except StepbenchError as err:  # bad config: one line, no traceback
 
 RESULTS = PLAN.results_dir
 CACHE = PLAN.cache_dir
-COMMON = PLAN.common_args  # --models-file/--methods-file for every CLI call
+COMMON = PLAN.common_args  # --models-file/--methods-file/--cache-dir for cell-level CLI calls
 
 
 include: "rules/zoo.smk"

@@ -23,7 +23,7 @@ FIDELITY_METRICS = {"fid", "kid", "is", "prc"}
 class Plan:
     results_dir: Path
     cache_dir: Path
-    common_args: str
+    config_file_args: str  # --models-file/--methods-file
     seed: int
     cells: list[GridCell]  # supported cells only
     num_samples: dict[str, int]  # per model
@@ -44,6 +44,11 @@ class Plan:
             jobs.setdefault(path, cell)
         return jobs
 
+    @property
+    def common_args(self) -> str:
+        """Options every cell-level CLI call takes: the config files and the cache."""
+        return f"{self.config_file_args} --cache-dir {self.cache_dir}"
+
     def cell_dir(self, model: str, method: str, nfe) -> Path:
         return GridCell(model, method, int(nfe), True).path(self.results_dir)
 
@@ -58,7 +63,7 @@ def plan(config: dict) -> Plan:
     result = Plan(
         results_dir=results_dir,
         cache_dir=cache_dir,
-        common_args=f"--models-file {config['models_file']} --methods-file {config['methods_file']}",
+        config_file_args=f"--models-file {config['models_file']} --methods-file {config['methods_file']}",
         seed=seed,
         cells=cells,
         num_samples={m: config.get("num_samples") or models[m].get("num_samples", 1000) for m in config["models"]},

@@ -10,9 +10,12 @@ rule evaluate:
         f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/metrics.json",
     params:
         out=lambda wc: PLAN.cell_dir(wc.model, wc.method, wc.nfe),
+        common=COMMON,
     wildcard_constraints:
         nfe=r"\d+",
     log:
         f"{RESULTS}/logs/evaluate/{{model}}__{{method}}__nfe{{nfe}}.log",
+    conda:
+        "envs/stepbench.yaml"
     shell:
-        "stepbench evaluate {params.out} {COMMON} --cache-dir {CACHE} > {log} 2>&1"
+        "stepbench evaluate {params.out} {params.common} > {log} 2>&1"

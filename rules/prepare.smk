@@ -13,8 +13,11 @@ for _path, (_model, _method, _nfe) in PLAN.prepare_jobs().items():
             model=_model,
             method=_method,
             nfe=_nfe,
+            common=COMMON,
         log:
             f"{RESULTS}/logs/prepare/{_model}__{_method}__nfe{_nfe}.log",
+        conda:
+            "envs/stepbench.yaml"
         shell:
             "stepbench prepare --model {params.model} --method {params.method} --nfe {params.nfe}"
-            " {COMMON} --cache-dir {CACHE} > {log} 2>&1"
+            " {params.common} > {log} 2>&1"

@@ -15,11 +15,14 @@ for (_dataset, _extractor), _path in PLAN.refstats.items():
         params:
             dataset=_dataset,
             extractor=_extractor,
+            cache=CACHE,
         log:
             f"{RESULTS}/logs/refstats_{_dataset}_{_extractor}.log",
+        conda:
+            "envs/stepbench.yaml"
         shell:
             "stepbench refstats --dataset {params.dataset} --extractor {params.extractor}"
-            " --cache-dir {CACHE} > {log} 2>&1"
+            " --cache-dir {params.cache} > {log} 2>&1"
 
 
 for (_model, _kind), _path in PLAN.references.items():
@@ -33,8 +36,12 @@ for (_model, _kind), _path in PLAN.references.items():
             model=_model,
             kind=_kind,
             num_samples=PLAN.num_samples[_model],
+            seed=PLAN.seed,
+            common=COMMON,
         log:
             f"{RESULTS}/logs/reference_{_kind}_{_model}.log",
+        conda:
+            "envs/stepbench.yaml"
         shell:
             "stepbench reference --model {params.model} --kind {params.kind}"
-            " --num-samples {params.num_samples} --seed {PLAN.seed} {COMMON} --cache-dir {CACHE} > {log} 2>&1"
+            " --num-samples {params.num_samples} --seed {params.seed} {params.common} > {log} 2>&1"

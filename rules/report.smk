@@ -1,13 +1,17 @@
 # The leaderboard: every requested cell, unsupported ones as "n/a (reason)".
 
+import os
+
 
 rule grid_config:
-    # The effective grid (config files and --config overrides merged) for the report; params
-    # changes make Snakemake rewrite it.
+    # The effective grid (config files and --config overrides merged) for the report; a change of
+    # params makes Snakemake rewrite it.
     output:
         f"{RESULTS}/grid.json",
     params:
         grid=dict(config),
+    log:
+        f"{RESULTS}/logs/grid_config.log",
     run:
         import json
 
@@ -22,7 +26,13 @@ rule report:
     output:
         html=f"{config['reports_dir']}/index.html",
         csv=f"{config['reports_dir']}/results.csv",
+    params:
+        results=RESULTS,
+        out=lambda wildcards, output: os.path.dirname(output.html),
+        files=PLAN.config_file_args,
     log:
         f"{RESULTS}/logs/report.log",
+    conda:
+        "envs/stepbench.yaml"
     shell:
-        "stepbench report {RESULTS} --out {config[reports_dir]} --grid {input.grid} {COMMON} > {log} 2>&1"
+        "stepbench report {params.results} --out {params.out} --grid {input.grid} {params.files} > {log} 2>&1"

@@ -10,10 +10,14 @@ rule sample:
     params:
         out=lambda wc: PLAN.cell_dir(wc.model, wc.method, wc.nfe),
         num_samples=lambda wc: PLAN.num_samples[wc.model],
+        seed=PLAN.seed,
+        common=COMMON,
     wildcard_constraints:
         nfe=r"\d+",
     log:
         f"{RESULTS}/logs/sample/{{model}}__{{method}}__nfe{{nfe}}.log",
+    conda:
+        "envs/stepbench.yaml"
     shell:
         "stepbench sample --model {wildcards.model} --method {wildcards.method} --nfe {wildcards.nfe}"
-        " --out {params.out} --num-samples {params.num_samples} --seed {PLAN.seed} {COMMON} --cache-dir {CACHE} > {log} 2>&1"
+        " --out {params.out} --num-samples {params.num_samples} --seed {params.seed} {params.common} > {log} 2>&1"

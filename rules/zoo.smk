@@ -10,7 +10,10 @@ for _name, _path in PLAN.extractors.items():
             _path,
         params:
             name=_name,
+            cache=CACHE,
         log:
             f"{RESULTS}/logs/extractor_{_name}.log",
+        conda:
+            "envs/stepbench.yaml"
         shell:
-            "stepbench extractor {params.name} --cache-dir {CACHE} > {log} 2>&1"
+            "stepbench extractor {params.name} --cache-dir {params.cache} > {log} 2>&1"
