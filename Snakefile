@@ -3,6 +3,7 @@
 #   snakemake --cores all                              # default embedded grid (profiles/default)
 #   snakemake --cores all --configfile my-grid.yaml    # another grid (keys: harness/schemas/grid.schema.yaml)
 
+import os
 import sys
 
 from snakemake.utils import min_version, validate
@@ -13,7 +14,7 @@ from harness.workflow import plan
 min_version("8.0")
 
 
-configfile: "profiles/default/grid.yaml"
+configfile: os.path.join(workflow.basedir, "profiles/default/grid.yaml")
 
 
 validate(config, "harness/schemas/grid.schema.yaml")

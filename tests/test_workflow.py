@@ -1,0 +1,58 @@
+"""The Snakemake workflow end to end on a tiny grid: cells, metrics, report, nothing left to do."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2"]
+
+
+def _grid(tmp_path: Path, **overrides) -> Path:
+    grid = {
+        "models": ["gmm2d"],
+        "methods": ["euler", "heun"],
+        "nfe": [4, 21],
+        "num_samples": 40,
+        "models_file": str(REPO / "models.yaml"),
+        "methods_file": str(REPO / "methods.yaml"),
+        **overrides,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def _run(tmp_path, *args):
+    # rules call the `stepbench` console script installed next to this interpreter
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), *args], capture_output=True, text=True, env=env)
+
+
+def test_tiny_grid_end_to_end_and_second_run_has_nothing_to_do(tmp_path):
+    grid = _grid(tmp_path)
+    run = _run(tmp_path, "--configfile", str(grid))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "reports" / "results.csv").open()))
+    by_cell = {(r["method"], r["nfe"], r["metric"]): r for r in rows}
+    assert float(by_cell[("euler", "4", "exact_err")]["value"]) > float(by_cell[("euler", "21", "exact_err")]["value"])
+    assert by_cell[("heun", "4", "")]["status"] == "unsupported"  # heun needs odd NFE
+    assert "n/a (" in (tmp_path / "reports" / "index.html").read_text()
+    for r in rows:
+        if r["status"] == "ok":
+            assert float(r["nfe_measured"]) == float(r["nfe"])
+    again = _run(tmp_path, "--configfile", str(grid), "--dry-run")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_grid_with_unknown_model_is_one_clear_line(tmp_path):
+    run = _run(tmp_path, "--configfile", str(_grid(tmp_path, models=["nope"])), "--dry-run")
+    assert run.returncode != 0
+    assert "stepbench: error:" in run.stderr and "no model 'nope'; valid: gmm2d, digits-ideal" in run.stderr
+    assert "Traceback" not in run.stderr
