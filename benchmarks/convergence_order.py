@@ -23,7 +23,8 @@ from harness.noise import SampleNoise
 from harness.references import exact_solution
 
 TARGET_NFES = (20, 40, 80)
-DEFAULT_SOLVERS = ("euler", "heun", "dpmpp_2m")
+DEFAULT_SOLVERS = ("euler", "heun", "dpmpp_2m", "dpm_solver_2", "dpmpp_2s", "deis_2m", "plms", "ipndm",
+                   "dpm_solver_3", "dpmpp_3s", "dpmpp_3m", "deis_3m", "unipc", "pndm", "lms")
 SCHEDULE = {"kind": "edm_rho", "rho": 7.0}
 
 
@@ -50,11 +51,11 @@ def make_problem(num_samples: int = 1000, seed: int = 0, models_file: str = "mod
     return Problem(denoiser, seed, exact_solution(denoiser, seed, num_samples))
 
 
-def budgets(name: str) -> list[int]:
+def budgets(name: str, targets=TARGET_NFES) -> list[int]:
     """The smallest NFE at or above each target that the solver meets exactly (Heun needs odd NFE)."""
     rule = SOLVERS[name].nfe
     nfes = []
-    for target in TARGET_NFES:
+    for target in targets:
         steps = max(rule.min_steps, -(-(target + rule.saved_at_end) // rule.per_step))
         nfes.append(rule.nfe(steps))
     return nfes
@@ -64,9 +65,9 @@ def exact_err(samples: np.ndarray, exact: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.sum((samples - exact) ** 2, axis=1))))
 
 
-def measure(problem: Problem, name: str) -> Convergence:
+def measure(problem: Problem, name: str, targets=TARGET_NFES) -> Convergence:
     sampler = make_sampler({"family": "solver", "solver": name, "schedule": SCHEDULE})
-    nfes = budgets(name)
+    nfes = budgets(name, targets)
     errors = []
     for nfe in nfes:
         # as harness.cells.generate does: the first draw is x_T, later draws feed stochastic solvers
@@ -83,13 +84,14 @@ def main() -> None:
     parser.add_argument("solvers", nargs="*", default=list(DEFAULT_SOLVERS), help="solver names (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--models-file", default="models.yaml")
+    parser.add_argument("--nfe", type=int, nargs=3, default=list(TARGET_NFES), help="target NFEs (default: %(default)s)")
     args = parser.parse_args()
 
     problem = make_problem(args.samples, models_file=args.models_file)
     print(f"gmm2d ({problem.denoiser.process.kind} process), {args.samples} samples, EDM rho=7 steps")
     print(f"{'solver':<16}{'theory':>7}{'measured':>10}   exact_err at NFE")
     for name in args.solvers:
-        c = measure(problem, name)
+        c = measure(problem, name, args.nfe)
         errs = "  ".join(f"{n}: {e:.3e}" for n, e in zip(c.nfes, c.errors))
         print(f"{c.solver:<16}{c.theory:>7}{c.order:>10.2f}   {errs}")
 

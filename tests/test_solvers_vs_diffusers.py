@@ -39,17 +39,19 @@ def x_T():
     return torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
-def eps_network(denoiser):
-    """The exact denoiser as a diffusers eps-prediction network: net(x_t, t) on unscaled x_t."""
-    alphas_cumprod = torch.from_numpy(denoiser.process.alphas_cumprod)
+def eps_network(denoiser, sigma_of_t=None, prediction="eps"):
+    """The exact denoiser as a diffusers network net(x_t, t) on unscaled x_t, predicting eps (or v).
+
+    sigma_of_t maps a timestep to sigma~; by default the process's own map, which at integer t is
+    sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]) and in between interpolates log sigma~."""
+    sigma_of_t = sigma_of_t or denoiser.process.sigma
 
     def net(x_t, t):
-        step = float(t)
-        assert step == round(step), "these comparisons use integer timesteps only"
-        alpha_bar = alphas_cumprod[int(step)]
-        alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        x0 = denoiser(x_t / alpha, float(sigma / alpha))
-        return (x_t - alpha * x0) / sigma
+        sigma_tilde = float(sigma_of_t(float(t)))
+        alpha = (1 + sigma_tilde**2) ** -0.5
+        x0 = denoiser(x_t / alpha, sigma_tilde)
+        eps = (x_t - alpha * x0) / (alpha * sigma_tilde)
+        return eps if prediction == "eps" else alpha * eps - alpha * sigma_tilde * x0
 
     return net
 

@@ -1,0 +1,135 @@
+"""The DPM-Solver family (Lu et al. 2022): exponential integrators in lambda = -log sigma~.
+
+On scaled variables every process has the same exponential-integrator form, so these solvers need only
+the sigma~ list: the first-order step is x~_t = x~_s - (sigma_s - sigma_t) eps = (sigma_t / sigma_s) x~_s
++ (1 - sigma_t / sigma_s) D, i.e. DPM-Solver-1 = DDIM = `euler`.
+
+Singlestep solvers put their intermediate points at fixed fractions of each step in lambda (the paper's
+r = 1/2 for order 2 and 1/3, 2/3 for order 3) and follow diffusers' "midpoint" updates. Every solver takes
+the step to sigma~ = 0 as x = D(x) (the first-order step there), so its NFE rule saves the remaining
+stages of the last step. Multistep solvers raise their order as history builds up and keep full order
+until that last step (diffusers with lower_order_final=False).
+"""
+
+from __future__ import annotations
+
+import math
+
+from harness.methods.solver_base import NFERule, solver
+
+
+def _eps(model, x, sigma):
+    return (x - model(x, sigma)) / sigma
+
+
+def _require_noise(noise, name):
+    if noise is None:
+        raise ValueError(f"{name} is stochastic and needs per-sample noise (harness.noise.SampleNoise)")
+
+
+@solver("dpm_solver_2", order=2, nfe=NFERule(per_step=2, saved_at_end=1))
+def dpm_solver_2(model, x, sigmas, noise=None):
+    """DPM-Solver-2, singlestep on the noise prediction, intermediate point at r = 1/2 in lambda."""
+    r = 0.5
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        if s_next == 0:
+            return model(x, s)
+        s_mid = s * (s_next / s) ** r
+        eps = _eps(model, x, s)
+        eps_mid = _eps(model, x - (s - s_mid) * eps, s_mid)
+        x = x - (s - s_next) * (eps + (eps_mid - eps) / (2 * r))
+    return x
+
+
+@solver("dpm_solver_3", order=3, nfe=NFERule(per_step=3, saved_at_end=2))
+def dpm_solver_3(model, x, sigmas, noise=None):
+    """DPM-Solver-3, singlestep on the noise prediction, intermediate points at 1/3 and 2/3 in lambda."""
+    r1, r2 = 1 / 3, 2 / 3
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        if s_next == 0:
+            return model(x, s)
+        h = math.log(s / s_next)
+        s1, s2 = s * math.exp(-r1 * h), s * math.exp(-r2 * h)
+        eps0 = _eps(model, x, s)
+        eps1 = _eps(model, x - (s - s1) * eps0, s1)
+        # second-order (midpoint) step from s to s2, using eps1 at the fraction r1 / r2 of it
+        eps2 = _eps(model, x - (s - s2) * (eps0 + (eps1 - eps0) * r2 / (2 * r1)), s2)
+        x = x - (s - s_next) * eps0 - s_next * (math.expm1(h) / h - 1) * (eps2 - eps0) / r2
+    return x
+
+
+@solver("dpmpp_2s", order=2, nfe=NFERule(per_step=2, saved_at_end=1))
+def dpmpp_2s(model, x, sigmas, noise=None):
+    """DPM-Solver++(2S), singlestep on the data prediction, intermediate point at r = 1/2 in lambda."""
+    r = 0.5
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = model(x, s)
+        if s_next == 0:
+            return denoised
+        h = math.log(s / s_next)
+        s_mid = s * math.exp(-r * h)
+        denoised_mid = model((s_mid / s) * x - math.expm1(-r * h) * denoised, s_mid)
+        x = (s_next / s) * x - math.expm1(-h) * (denoised + (denoised_mid - denoised) / (2 * r))
+    return x
+
+
+@solver("dpmpp_3s", order=3, nfe=NFERule(per_step=3, saved_at_end=2))
+def dpmpp_3s(model, x, sigmas, noise=None):
+    """DPM-Solver++(3S), singlestep on the data prediction, intermediate points at 1/3 and 2/3 in lambda."""
+    r1, r2 = 1 / 3, 2 / 3
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d0 = model(x, s)
+        if s_next == 0:
+            return d0
+        h = math.log(s / s_next)
+        s1, s2 = s * math.exp(-r1 * h), s * math.exp(-r2 * h)
+        d1 = model((s1 / s) * x - math.expm1(-r1 * h) * d0, s1)
+        d2 = model((s2 / s) * x - math.expm1(-r2 * h) * (d0 + (d1 - d0) * r2 / (2 * r1)), s2)
+        x = (s_next / s) * x - math.expm1(-h) * d0 + (math.expm1(-h) / h + 1) * (d2 - d0) / r2
+    return x
+
+
+@solver("dpmpp_3m", order=3)
+def dpmpp_3m(model, x, sigmas, noise=None):
+    """DPM-Solver++(3M), multistep on the data prediction; orders 1, 2 on the first two steps."""
+    history = []  # (denoised, lambda step that led to it) of earlier steps, newest last
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = model(x, s)
+        if s_next == 0:
+            return denoised
+        h = math.log(s / s_next)
+        phi_1 = math.expm1(-h)  # e^-h - 1
+        x_next = (s_next / s) * x - phi_1 * denoised
+        if len(history) == 1:
+            r0 = history[-1][1] / h
+            x_next = x_next - 0.5 * phi_1 * (denoised - history[-1][0]) / r0
+        elif len(history) >= 2:
+            (d2, h_1), (d1, h_0) = history[-2], history[-1]
+            r0, r1 = h_0 / h, h_1 / h
+            slope_new, slope_old = (denoised - d1) / r0, (d1 - d2) / r1
+            first = slope_new + r0 / (r0 + r1) * (slope_new - slope_old)
+            second = (slope_new - slope_old) / (r0 + r1)
+            x_next = x_next + (phi_1 / h + 1) * first - ((phi_1 + h) / h**2 - 0.5) * second
+        history = (history + [(denoised, h)])[-2:]
+        x = x_next
+    return x
+
+
+@solver("sde_dpmpp_2m", order=1)
+def sde_dpmpp_2m(model, x, sigmas, noise=None):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022), diffusers' midpoint form; strong order 1 as an SDE solver.
+
+    Each step draws per-sample noise from `noise`, so a sample does not depend on its batch.
+    """
+    _require_noise(noise, "sde_dpmpp_2m")
+    old_denoised, h_last = None, None
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = model(x, s)
+        if s_next == 0:
+            return denoised
+        h = math.log(s / s_next)
+        decay = -math.expm1(-2 * h)  # 1 - e^-2h
+        d = denoised if old_denoised is None else denoised + 0.5 * (denoised - old_denoised) * h / h_last
+        x = (s_next / s) * math.exp(-h) * x + decay * d + s_next * math.sqrt(decay) * noise.randn_like(x)
+        old_denoised, h_last = denoised, h
+    return x

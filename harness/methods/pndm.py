@@ -1,0 +1,73 @@
+"""Pseudo numerical methods (Liu et al. 2022): Runge-Kutta and Adams-Bashforth combinations of the noise
+prediction, each applied through the DDIM "transfer" x~' = x~ - (sigma~ - sigma~') eps (exact on scaled
+variables). The Adams-Bashforth weights are the constant ones of equal steps, as in the paper and in
+diffusers; the last step to sigma~ = 0 is a transfer like the others.
+"""
+
+from __future__ import annotations
+
+from harness.methods.solver_base import NFERule, solver
+
+# Adams-Bashforth weights for 1..4 past values, newest first
+ADAMS_BASHFORTH = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+PRK_STEPS = 3  # PNDM's pseudo Runge-Kutta warm-up: 3 steps of 4 evaluations
+
+
+def _eps(model, x, sigma):
+    return (x - model(x, sigma)) / sigma
+
+
+def _transfer(x, eps, s, s_next):
+    return x - (s - s_next) * eps
+
+
+def _adams_bashforth(history):
+    """Combination of the noise predictions in `history` (newest first, at most 4)."""
+    return sum(w * e for w, e in zip(ADAMS_BASHFORTH[len(history) - 1], history))
+
+
+@solver("pndm", order=2, nfe=NFERule(per_step=1, saved_at_end=-9, min_steps=PRK_STEPS + 1))
+def pndm(model, x, sigmas, noise=None):
+    """PNDM: 3 pseudo Runge-Kutta steps (4 evaluations each, midpoints halfway in lambda), then
+    pseudo linear multistep (AB4) steps: NFE = steps + 9. Constant AB weights on unequal steps make it
+    second order on smooth schedules."""
+    history = []  # noise predictions at the start of each step, newest first
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        eps = _eps(model, x, s)
+        history = [eps] + history[:3]
+        if i < PRK_STEPS:
+            s_mid = (s * s_next) ** 0.5
+            k2 = _eps(model, _transfer(x, eps, s, s_mid), s_mid)
+            k3 = _eps(model, _transfer(x, k2, s, s_mid), s_mid)
+            k4 = _eps(model, _transfer(x, k3, s, s_next), s_next)
+            x = _transfer(x, (eps + 2 * k2 + 2 * k3 + k4) / 6, s, s_next)
+        else:
+            x = _transfer(x, _adams_bashforth(history), s, s_next)
+    return x
+
+
+@solver("plms", order=2, nfe=NFERule(per_step=1, saved_at_end=-1, min_steps=2))
+def plms(model, x, sigmas, noise=None):
+    """PLMS as diffusers' PNDMScheduler(skip_prk_steps=True), e.g. Stable Diffusion's: a first step
+    averaging the noise predictions at both ends (2 evaluations), then AB2, AB3, AB4: NFE = steps + 1."""
+    history = []
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        eps = _eps(model, x, s)
+        history = [eps] + history[:3]
+        if i == 0:
+            eps_end = _eps(model, _transfer(x, eps, s, s_next), s_next)
+            x = _transfer(x, (eps + eps_end) / 2, s, s_next)  # eps_end is not kept in the history
+        else:
+            x = _transfer(x, _adams_bashforth(history), s, s_next)
+    return x
+
+
+@solver("ipndm", order=2)
+def ipndm(model, x, sigmas, noise=None):
+    """iPNDM (Zhang & Chen 2023): AB on the noise prediction with lower-order warm-up (AB1..AB4), one
+    evaluation per step."""
+    history = []
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        history = [_eps(model, x, s)] + history[:3]
+        x = _transfer(x, _adams_bashforth(history), s, s_next)
+    return x
