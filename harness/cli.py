@@ -154,6 +154,34 @@ def report(results_dir, out, grid_file, models_file, methods_file):
     click.echo(f"report -> {out / 'index.html'}")
 
 
+@cli.command()
+@click.argument("name")
+@cache_opt
+def extractor(name, cache_dir):
+    """Build (train or find cached) the weights of feature extractor NAME; print their path.
+
+    Example: stepbench extractor digits-cnn
+    """
+    from harness.metrics.features import build_extractor
+
+    click.echo(build_extractor(name, cache_dir))
+
+
+@cli.command()
+@click.option("--dataset", required=True, help="Reference dataset (models.yaml key 'dataset').")
+@click.option("--extractor", "extractor_name", required=True,
+              help="Feature extractor (models.yaml key 'feature_extractor').")
+@cache_opt
+def refstats(dataset, extractor_name, cache_dir):
+    """Compute (or find cached) reference features and statistics for FID/KID; print their path.
+
+    Example: stepbench refstats --dataset digits --extractor digits-cnn
+    """
+    from harness.metrics.fidelity import build_reference_statistics
+
+    click.echo(build_reference_statistics(cache_dir, dataset, extractor_name))
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)
