@@ -24,7 +24,9 @@ class NFERule:
     """nfe(steps) = per_step * steps - saved_at_end, for steps >= min_steps."""
 
     per_step: int = 1
-    saved_at_end: int = 0  # e.g. Heun skips its corrector on the final step to sigma = 0
+    # e.g. Heun skips its corrector on the final step to sigma = 0 (1); negative for warm-up costs
+    # (PNDM's Runge-Kutta start spends 9 more)
+    saved_at_end: int = 0
     min_steps: int = 1
 
     def nfe(self, steps: int) -> int:
@@ -44,7 +46,7 @@ class NFERule:
 
     def describe(self) -> str:
         base = "steps" if self.per_step == 1 else f"{self.per_step}*steps"
-        return base + (f"-{self.saved_at_end}" if self.saved_at_end else "")
+        return base + (f"{-self.saved_at_end:+d}" if self.saved_at_end else "")
 
 
 @dataclass(frozen=True)
