@@ -6,6 +6,7 @@ import torch
 
 from harness.errors import ConfigError
 from harness.methods import solvers  # noqa: F401  (registers the solvers)
+from harness.methods import dpm_solver_v3, momentum, time_shift  # noqa: F401  (seed papers)
 from harness.methods import ancestral, deis, dpm_solver, lms, pndm, unipc  # noqa: F401  (the solver zoo)
 from harness.methods.base import Sampler
 from harness.methods.solver_base import SOLVERS
