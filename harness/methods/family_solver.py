@@ -6,6 +6,10 @@ import torch
 
 from harness.errors import ConfigError
 from harness.methods import solvers  # noqa: F401  (registers the solvers)
+from harness.methods import teleport  # noqa: F401  (Gaussian teleportation)
+from harness.methods import dualfast  # noqa: F401  (DualFast)
+from harness.methods import schedule_search  # noqa: F401  (AutoDiffusion, USF searches)
+from harness.methods import dmcmc  # noqa: F401  (Denoising MCMC)
 from harness.methods import dpm_solver_v3, momentum, time_shift  # noqa: F401  (seed papers)
 from harness.methods import ancestral, deis, dpm_solver, lms, pndm, unipc  # noqa: F401  (the solver zoo)
 from harness.methods.base import Sampler

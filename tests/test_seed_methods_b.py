@@ -1,0 +1,181 @@
+"""Seed-paper accelerators: Gaussian teleportation, DualFast, AutoDiffusion / USF schedule searches,
+Denoising MCMC. Honest NFE, batch independence, the building blocks' maths, and each paper's claim
+where it holds on the embedded models (see each module's docstring for where it does not)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+from harness import prepared
+from harness.cells import generate
+from harness.config import load_models
+from harness.errors import UnsupportedNFE
+from harness.methods import make_sampler
+from harness.methods.schedule_search import usf_solve
+from harness.methods.solver_base import SOLVERS
+from harness.methods.teleport import gaussian_flow, restart_schedule
+from harness.models import load_denoiser
+from harness.references import exact_solution
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_SEARCH = {"calibration_samples": 8, "max_evals": 12, "population": 4, "reference_steps": 50}
+METHODS = {  # id -> (methods.yaml-style spec, an NFE it supports)
+    "teleport": ({"family": "solver", "solver": "teleport", "params": {"skip_sigma": 10.0}}, 6),
+    "teleport_heun": ({"family": "solver", "solver": "teleport_heun"}, 5),
+    "dualfast": ({"family": "solver", "solver": "dualfast", "params": {"base": "euler", "mix": 0.4}}, 6),
+    "autodiffusion": ({"family": "solver", "solver": "autodiffusion", "params": SMALL_SEARCH}, 6),
+    "usf": ({"family": "solver", "solver": "usf", "params": SMALL_SEARCH}, 6),
+    "dmcmc": ({"family": "solver", "solver": "dmcmc", "params": {"start_sigma": 2.0}}, 6),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_models(REPO / "models.yaml")
+
+
+@pytest.fixture(scope="module")
+def denoisers(models):
+    return {mid: load_denoiser(models[mid]) for mid in ("gmm2d", "digits-ideal")}
+
+
+def _generate(models, denoisers, model_id, method_id, spec, nfe, num, batch, cache):
+    sampler = make_sampler(spec)
+    if sampler.prepare_scope is not None:
+        prepared.prepare(sampler, cache, model_id, models[model_id], method_id, spec, nfe)
+        prepared.load(sampler, cache, model_id, models[model_id], method_id, spec, nfe)
+    return generate(denoisers[model_id], sampler, nfe, 0, num, batch)
+
+
+def _rms(samples, reference):
+    diff = samples.reshape(len(samples), -1).astype(np.float64) - reference.reshape(len(reference), -1)
+    return float(np.sqrt((diff**2).sum(1).mean()))
+
+
+@pytest.mark.parametrize("model_id", ["gmm2d", "digits-ideal"])
+@pytest.mark.parametrize("method_id", list(METHODS))
+def test_nfe_is_honest_and_samples_do_not_depend_on_batch(models, denoisers, tmp_path, model_id, method_id):
+    spec, nfe = METHODS[method_id]
+    whole = _generate(models, denoisers, model_id, method_id, spec, nfe, 6, 6, tmp_path)
+    split = _generate(models, denoisers, model_id, method_id, spec, nfe, 6, 4, tmp_path)
+    assert whole.nfe_measured == nfe == split.nfe_measured
+    assert whole.status == "ok"
+    np.testing.assert_array_equal(whole.samples, split.samples)
+
+
+def test_dmcmc_rejects_budgets_below_its_mcmc_cost():
+    sampler = make_sampler(METHODS["dmcmc"][0])
+    sampler.check_nfe(4)
+    with pytest.raises(UnsupportedNFE):
+        sampler.check_nfe(3)
+
+
+def test_gaussian_flow_is_the_exact_pf_ode_solution_for_gaussian_data():
+    rng = np.random.default_rng(0)
+    root = rng.normal(size=(3, 3))
+    cov, mean = root @ root.T, rng.normal(size=3)
+    lam, vecs = np.linalg.eigh(cov)
+    moments = {"mean": torch.tensor(mean), "eigvals": torch.tensor(lam), "eigvecs": torch.tensor(vecs)}
+    x = torch.tensor(rng.normal(size=(4, 3)) * 80.0)
+
+    def rhs(s, y):  # dx/dsigma = (x - D(x, sigma)) / sigma, D the Gaussian posterior mean
+        pts = y.reshape(4, 3)
+        denoised = mean + (pts - mean) @ np.linalg.solve(cov + s**2 * np.eye(3), cov)
+        return ((pts - denoised) / s).reshape(-1)
+
+    solved = solve_ivp(rhs, (80.0, 0.5), x.numpy().reshape(-1), rtol=1e-10, atol=1e-10).y[:, -1].reshape(4, 3)
+    np.testing.assert_allclose(gaussian_flow(x, 80.0, 0.5, moments).numpy(), solved, rtol=1e-6, atol=1e-6)
+
+
+def test_teleport_moments_follow_the_documented_rule(models, denoisers):
+    solver = SOLVERS["teleport"]
+    mixture = solver.prepare(denoiser=denoisers["gmm2d"], sigmas=None, calibration_seed=1)
+    draws = denoisers["gmm2d"].sample_data(200_000, 0)
+    assert mixture["source"] == "exact mixture moments"
+    np.testing.assert_allclose(mixture["mean"].numpy(), draws.mean(0), atol=0.02)
+    np.testing.assert_allclose(np.sort(mixture["eigvals"].numpy()), np.sort(np.linalg.eigvalsh(np.cov(draws.T))),
+                               rtol=0.02)
+    assert solver.prepare(denoiser=denoisers["digits-ideal"], sigmas=None, calibration_seed=1)["source"] == \
+        "dataset digits"
+
+
+def test_restart_schedule_keeps_steps_and_starts_at_the_new_level():
+    sigmas = [80.0, 20.0, 5.0, 1.0, 0.002, 0.0]
+    warped = restart_schedule(sigmas, 10.0)
+    assert len(warped) == len(sigmas) and warped[-1] == 0.0
+    assert math.isclose(warped[0], 10.0) and math.isclose(warped[-2], 0.002)
+    assert all(a > b for a, b in zip(warped[:-1], warped[1:]))
+
+
+def test_usf_integrator_with_second_order_and_no_corrector_is_dpmpp_2m(denoisers):
+    denoiser = denoisers["gmm2d"]
+    x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80.0
+    sigmas = [80.0, 12.0, 2.5, 0.6, 0.05, 0.0]
+    ours = usf_solve(denoiser, x, sigmas, [2] * 5, [0] * 5)
+    torch.testing.assert_close(ours, SOLVERS["dpmpp_2m"].fn(denoiser, x, sigmas), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method_id", ["autodiffusion", "usf"])
+def test_search_artifact_records_schedule_and_budget(denoisers, method_id):
+    spec, nfe = METHODS[method_id]
+    sampler = make_sampler(spec)
+    artifact = sampler.prepare(denoisers["gmm2d"], nfe, calibration_seed=2**31 - 1)
+    sigmas = artifact["sigmas"]
+    assert len(sigmas) == nfe + 1 and sigmas[-1] == 0.0
+    assert all(a > b for a, b in zip(sigmas[:-1], sigmas[1:]))
+    search = artifact["search"]
+    assert search["evaluations"] == SMALL_SEARCH["max_evals"]
+    assert search["network_evals"] > search["network_evals_reference"] > 0
+    assert artifact["objective"] <= artifact["objective_initial"]
+    if method_id == "usf":
+        assert len(artifact["orders"]) == len(artifact["correctors"]) == nfe
+
+
+# ---- the papers' claims on gmm2d, exact_err from the same noise ----
+
+CLAIM_SAMPLES = 200
+CLAIMS = {  # method -> (spec with the method's defaults, its base solver)
+    "teleport": ({"family": "solver", "solver": "teleport", "params": {"base": "dpmpp_2m", "skip_sigma": 10.0}},
+                 "dpmpp_2m"),
+    "dualfast": ({"family": "solver", "solver": "dualfast", "params": {"base": "euler", "mix": 0.4}}, "euler"),
+    "autodiffusion": ({"family": "solver", "solver": "autodiffusion"}, "dpmpp_2m"),
+    "usf": ({"family": "solver", "solver": "usf"}, "dpmpp_2m"),
+}
+
+
+@pytest.fixture(scope="module")
+def gmm_exact(denoisers):
+    return exact_solution(denoisers["gmm2d"], 0, CLAIM_SAMPLES)
+
+
+@pytest.mark.parametrize("nfe", [8, 10])
+@pytest.mark.parametrize("method_id", list(CLAIMS))
+def test_beats_its_base_solver_on_gmm2d(models, denoisers, gmm_exact, tmp_path, method_id, nfe):
+    spec, base = CLAIMS[method_id]
+    ours = _generate(models, denoisers, "gmm2d", method_id, spec, nfe, CLAIM_SAMPLES, CLAIM_SAMPLES, tmp_path)
+    theirs = _generate(models, denoisers, "gmm2d", base, {"family": "solver", "solver": base}, nfe, CLAIM_SAMPLES,
+                       CLAIM_SAMPLES, tmp_path)
+    assert _rms(ours.samples, gmm_exact) < _rms(theirs.samples, gmm_exact)
+
+
+def _energy_distance(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
+
+
+@pytest.mark.parametrize("nfe", [8, 10])
+def test_dmcmc_samples_the_distribution_better_than_its_base_on_gmm2d(models, denoisers, tmp_path, nfe):
+    """DMCMC is stochastic, so its claim is distributional (the paper: FID): energy distance to exact
+    mixture draws, against DPM-Solver++(2M) at the same NFE."""
+    data = denoisers["gmm2d"].sample_data(2000, 123)
+    spec = METHODS["dmcmc"][0]
+    ours = _generate(models, denoisers, "gmm2d", "dmcmc", spec, nfe, 500, 500, tmp_path)
+    base = _generate(models, denoisers, "gmm2d", "dpmpp_2m", {"family": "solver", "solver": "dpmpp_2m"}, nfe, 500,
+                     500, tmp_path)
+    assert _energy_distance(ours.samples, data) < _energy_distance(base.samples, data)
