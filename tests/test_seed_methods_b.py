@@ -93,7 +93,7 @@ def test_gaussian_flow_is_the_exact_pf_ode_solution_for_gaussian_data():
     np.testing.assert_allclose(gaussian_flow(x, 80.0, 0.5, moments).numpy(), solved, rtol=1e-6, atol=1e-6)
 
 
-def test_teleport_moments_follow_the_documented_rule(models, denoisers):
+def test_teleport_moments_follow_the_documented_rule(denoisers):
     solver = SOLVERS["teleport"]
     mixture = solver.prepare(denoiser=denoisers["gmm2d"], sigmas=None, calibration_seed=1)
     draws = denoisers["gmm2d"].sample_data(200_000, 0)

@@ -88,7 +88,8 @@ def usf_solve(model, x, sigmas, orders, correctors):
         denoised_next = model(x_pred, s_next)
         if correctors[i]:  # UniC: reuses the evaluation the next step needs anyway
             rhos_c = [0.5] if order == 1 else np.linalg.solve(rows, rhs)
-            correction = sum(float(r) * d for r, d in zip(rhos_c[:-1], diffs)) + float(rhos_c[-1]) * (denoised_next - denoised)
+            correction = sum(float(r) * d for r, d in zip(rhos_c[:-1], diffs))
+            correction = correction + float(rhos_c[-1]) * (denoised_next - denoised)
             x = x_first - b_h * correction
         else:
             x = x_pred
@@ -117,11 +118,13 @@ class _Budgeted:
 
 
 def _evolve(first_level: float, lo: float, candidates: list[dict], score, rng, population: int, max_evals: int,
-            with_genes: bool) -> tuple[dict, list[float]]:
+            with_genes: bool) -> tuple[dict, float, float, int]:
     """Steady-state evolutionary search; candidates carry "levels" (free log-sigmas, decreasing) and,
-    for USF, "orders" and "correctors". Returns the best candidate and the scores in order."""
+    for USF, "orders" and "correctors". Returns the best candidate, its score, the best seed's score
+    and the number of candidates evaluated."""
     hi = math.log(first_level)
     scored = [(score(c), c) for c in candidates]
+    seed_score = min(s for s, _ in scored)
     while len(scored) < max_evals:
         scored.sort(key=lambda item: item[0])
         if len(scored) < population:  # fill the first population with mutants of the seeds
@@ -133,8 +136,8 @@ def _evolve(first_level: float, lo: float, candidates: list[dict], score, rng, p
         child = _mutate(child, rng, lo, hi, with_genes)
         if child is not None:
             scored.append((score(child), child))
-    scored.sort(key=lambda item: item[0])
-    return scored[0][1], [s for s, _ in scored]
+    best_score, best = min(scored, key=lambda item: item[0])
+    return best, best_score, seed_score, len(scored)
 
 
 def _crossover(a: dict, b: dict, rng, with_genes: bool) -> dict:
@@ -171,7 +174,8 @@ def _schedule(first_level: float, c: dict) -> list[float]:
 def _search(denoiser, sigmas, calibration_seed, sample_fn, seeds: list[dict], calibration_samples, max_evals,
             population, reference_steps, with_genes) -> dict:
     if int(population) < 4:
-        raise ConfigError(f"schedule search: population must be at least 4 (two parents from the best half); got {population}")
+        raise ConfigError(f"schedule search: population must be at least 4 (two parents from the best half); "
+                          f"got {population}")
     model = _Budgeted(denoiser)
     process = denoiser.process
     noise = _calibration_noise(denoiser, calibration_seed, int(calibration_samples))
@@ -188,17 +192,17 @@ def _search(denoiser, sigmas, calibration_seed, sample_fn, seeds: list[dict], ca
     rng = np.random.default_rng(calibration_seed)
     if len(seeds[0]["levels"]) == 0:  # a single step: no time step to move
         max_evals = len(seeds)
-    best, scores = _evolve(sigmas[0], math.log(process.sigma_min), seeds, score, rng, int(population),
-                           int(max_evals), with_genes)
+    best, best_score, seed_score, evaluations = _evolve(sigmas[0], math.log(process.sigma_min), seeds, score, rng,
+                                                        int(population), int(max_evals), with_genes)
     artifact = {
         "sigmas": _schedule(sigmas[0], best),
-        "objective": scores[0],
-        "objective_initial": min(s for s in scores[: len(seeds)]),
+        "objective": best_score,
+        "objective_initial": seed_score,  # the best of the unsearched seeds (the base solver's)
         "search": {
             "objective": "RMS distance to dpmpp_2m reference from calibration noise",
             "calibration_samples": int(calibration_samples),
             "max_evals": int(max_evals),
-            "evaluations": len(scores),
+            "evaluations": evaluations,
             "population": int(population),
             "reference": f"dpmpp_2m, {int(reference_steps)} steps, edm_rho 7",
             "network_evals": model.rows,  # denoiser rows spent preparing, reference included
@@ -216,16 +220,16 @@ def _free_levels(sigmas) -> np.ndarray:
     return np.log(np.asarray(sigmas[1:-1], dtype=np.float64))
 
 
-def search_time_steps(denoiser, sigmas, calibration_seed, base="dpmpp_2m", calibration_samples=32, max_evals=80,
-                      population=10, reference_steps=200) -> dict:
+def search_time_steps(denoiser, sigmas, calibration_seed, base="dpmpp_2m", calibration_samples=32, max_evals=40,
+                      population=8, reference_steps=100) -> dict:
     base_fn = base_solver(base, NFERule(), "autodiffusion")
     return _search(denoiser, sigmas, calibration_seed, lambda model, x, s, c: base_fn(model, x, s),
                    [{"levels": _free_levels(sigmas)}], calibration_samples, max_evals, population, reference_steps,
                    with_genes=False)
 
 
-def search_solver_schedule(denoiser, sigmas, calibration_seed, calibration_samples=32, max_evals=80, population=10,
-                           reference_steps=200) -> dict:
+def search_solver_schedule(denoiser, sigmas, calibration_seed, calibration_samples=32, max_evals=40, population=8,
+                           reference_steps=100) -> dict:
     steps = len(sigmas) - 1
     second_order = np.full(steps, 2)
     seeds = [  # DPM-Solver++(2M) and UniPC-bh2 (2M with corrector) on the cell's schedule
@@ -238,14 +242,14 @@ def search_solver_schedule(denoiser, sigmas, calibration_seed, calibration_sampl
 
 
 @solver("autodiffusion", order=2, prepare=search_time_steps, prepare_scope="nfe")
-def autodiffusion(model, x, sigmas, noise=None, prepared=None, base="dpmpp_2m", calibration_samples=32, max_evals=80,
-                  population=10, reference_steps=200):
+def autodiffusion(model, x, sigmas, noise=None, prepared=None, base="dpmpp_2m", calibration_samples=32, max_evals=40,
+                  population=8, reference_steps=100):
     """`base` on the searched time steps (already in `sigmas`); the budget parameters drive prepare."""
     return base_solver(base, NFERule(), "autodiffusion")(model, x, sigmas, noise=noise)
 
 
 @solver("usf", order=2, prepare=search_solver_schedule, prepare_scope="nfe")
-def usf(model, x, sigmas, noise=None, prepared=None, calibration_samples=32, max_evals=80, population=10,
-        reference_steps=200):
+def usf(model, x, sigmas, noise=None, prepared=None, calibration_samples=32, max_evals=40, population=8,
+        reference_steps=100):
     """The searched solver schedule: searched time steps (in `sigmas`), per-step order and corrector."""
     return usf_solve(model, x, sigmas, prepared["orders"], prepared["correctors"])
