@@ -1,0 +1,128 @@
+"""What CLIP score and CLAP score share: prompts per sample, cosine scores, a bootstrap interval,
+and finding weights without a download.
+
+Prompts come from the model spec (models.yaml `prompts`): a list of captions, or the path of a text
+file with one caption per line. Sample i was generated from prompt i mod N; `prompts_for_samples` is
+the one place that rule lives, so a text-conditional sampler and these metrics agree on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from harness.errors import ConfigError, StepbenchError
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_LEVEL = 0.95
+BOOTSTRAP_SEED = 0
+_BOOTSTRAP_CHUNK = 100  # resamples drawn at once: bounds memory at 100 x S indices
+
+
+# --- prompts ---------------------------------------------------------------------------------------
+
+def load_prompts(model_id: str, spec: dict) -> list[str]:
+    """The model's captions from models.yaml `prompts` (a list, or a text file with one per line)."""
+    if "prompts" not in spec:
+        raise ConfigError(f"models.yaml: key '{model_id}.prompts' missing; clip_score/clap_score need the "
+                          f"captions the samples were generated from (a list, or a text file, one per line)")
+    prompts = spec["prompts"]
+    if isinstance(prompts, str):
+        path = Path(prompts)
+        if not path.is_file():
+            raise ConfigError(f"models.yaml: key '{model_id}.prompts': file {path} not found "
+                              f"(relative paths are taken from the working directory {Path.cwd()})")
+        # blank lines are layout, not empty captions
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ConfigError(f"models.yaml: key '{model_id}.prompts': needs at least one non-empty caption")
+    return list(prompts)
+
+
+def prompts_for_samples(prompts: Sequence[str], num_samples: int) -> list[str]:
+    """Sample i's caption: prompts[i mod N]."""
+    return [prompts[i % len(prompts)] for i in range(num_samples)]
+
+
+def prompts_sha256(prompts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()
+
+
+# --- scores ----------------------------------------------------------------------------------------
+
+def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity of two [S, D] embedding sets, in float64."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    return torch.nn.functional.cosine_similarity(a, b, dim=1)
+
+
+def clip_score_from_cosine(cosine: torch.Tensor) -> torch.Tensor:
+    """CLIPScore per pair (Hessel et al. 2021, w = 100 as in torchmetrics): 100 * max(cos, 0)."""
+    return 100.0 * cosine.clamp(min=0.0)
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, level: float = BOOTSTRAP_LEVEL,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-sample values (fixed seed: reruns agree)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError(f"bootstrap needs a non-empty 1-D array; got shape {values.shape}")
+    rng = np.random.default_rng(seed)
+    means = []
+    for start in range(0, resamples, _BOOTSTRAP_CHUNK):
+        index = rng.integers(0, len(values), size=(min(_BOOTSTRAP_CHUNK, resamples - start), len(values)))
+        means.append(values[index].mean(axis=1))
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(np.concatenate(means), [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def bootstrap_provenance() -> dict:
+    return {"ci": "percentile bootstrap of the mean over samples", "ci_resamples": BOOTSTRAP_RESAMPLES,
+            "ci_level": BOOTSTRAP_LEVEL, "ci_seed": BOOTSTRAP_SEED}
+
+
+# --- weights without surprises -----------------------------------------------------------------------
+
+def downloads_allowed() -> bool:
+    """False when the Hugging Face hub is switched off (HF_HUB_OFFLINE=1): then only caches are read."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return not constants.HF_HUB_OFFLINE
+
+
+def hf_cache_dir(cache_dir: str | None) -> str:
+    if cache_dir:
+        return str(cache_dir)
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def files_sha256(paths: Sequence[Path]) -> str:
+    """One sha256 over several files (a sharded checkpoint), in name order; equals the file's own
+    sha256 when there is one file."""
+    paths = sorted(Path(p) for p in paths)
+    from harness.metrics.features import file_sha256
+
+    if len(paths) == 1:
+        return file_sha256(paths[0])
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def missing_weights(what: str, where: str, cause: BaseException | None = None) -> StepbenchError:
+    """The one line a user sees when weights are not on this machine."""
+    reason = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
+    hint = "" if downloads_allowed() else "; downloads are off (HF_HUB_OFFLINE)"
+    return StepbenchError(f"{what}: weights not found; looked in {where}{hint}{reason}")
