@@ -1,4 +1,4 @@
-"""Seed-paper accelerators: DPM-Solver-v3, heavy-ball / GHVB momentum, Time-Shift Sampler.
+"""Seed-paper accelerators: DPM-Solver-v3, DC-Solver, heavy-ball / GHVB momentum, Time-Shift Sampler.
 
 Each runs on gmm2d and digits-ideal through harness.cells.generate with an audited NFE, is
 batch-independent, converges to the exact PF-ODE solution as NFE grows (the time shift excepted: by
@@ -19,10 +19,12 @@ from harness import prepared
 from harness.cells import generate
 from harness.config import load_models
 from harness.methods import make_sampler
+from harness.methods.dc_solver import dc_solver
 from harness.methods.dpm_solver_v3 import _Tables, dpm_solver_v3, empirical_model_statistics
 from harness.methods.momentum import dpmpp_2m_hb, plms_ghvb, plms_hb
 from harness.methods.solvers import dpmpp_2m, euler
 from harness.methods.time_shift import training_time_steps, ts_dpm
+from harness.methods.unipc import unipc
 from harness.models import load_denoiser
 from harness.references import exact_solution
 
@@ -38,6 +40,7 @@ def spec(solver, schedule=RHO7, **params):
 METHODS = {
     # small calibration keeps the preparation fast in tests
     "dpm_solver_v3": spec("dpm_solver_v3", {"kind": "logsnr_uniform"}, num_samples=32, grid_points=40),
+    "dc_solver": spec("dc_solver", {"kind": "logsnr_uniform"}, reference_substeps=10),
     "plms_hb": spec("plms_hb", beta=0.8),
     "plms_ghvb": spec("plms_ghvb", beta=0.8),
     "dpmpp_2m_hb": spec("dpmpp_2m_hb", beta=0.8),
@@ -54,7 +57,7 @@ def denoisers():
 @pytest.fixture(scope="module")
 def exact(denoisers):
     return {"gmm2d": exact_solution(denoisers["gmm2d"], 0, 200),
-            "digits-ideal": exact_solution(denoisers["digits-ideal"], 0, 48)}
+            "digits-ideal": exact_solution(denoisers["digits-ideal"], 0, 32)}
 
 
 def run(denoisers, model_id, method_spec, nfe, num_samples, cache_dir, batch_size=None):
@@ -81,7 +84,7 @@ def test_nfe_audited_and_batch_independent(denoisers, tmp_path, model_id, method
     assert np.array_equal(whole.samples, split.samples)
 
 
-@pytest.mark.parametrize("method_id", ["dpm_solver_v3", "plms_hb", "plms_ghvb", "dpmpp_2m_hb"])
+@pytest.mark.parametrize("method_id", ["dpm_solver_v3", "dc_solver", "plms_hb", "plms_ghvb", "dpmpp_2m_hb"])
 def test_converges_to_exact_solution(denoisers, exact, tmp_path, method_id):
     method_spec = METHODS[method_id]
     if method_id == "dpm_solver_v3":
@@ -120,6 +123,14 @@ def test_momentum_with_beta_one_is_the_base_solver(denoisers):
     assert not torch.allclose(plms_hb(model, x, sigmas, beta=0.8), plms_hb(model, x, sigmas, beta=1.0))
 
 
+def test_dc_solver_with_unit_ratios_is_unipc(denoisers):
+    model = denoisers["gmm2d"]
+    sigmas = [80.0, 20.0, 5.0, 1.0, 0.2, 0.002, 0.0]
+    x = torch.randn(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 80.0
+    unit = {"ratios": [1.0] * 6, "times": sigmas[:-1]}
+    assert torch.equal(dc_solver(model, x, sigmas, prepared=unit), unipc(model, x, sigmas, order=3, variant="bh1"))
+
+
 def test_dpm_solver_v3_with_degenerate_statistics_is_dpm_solver_pp(denoisers):
     """l = 1, s = b = 0 turns DPM-Solver-v3 into DPM-Solver++; its first order is DDIM (= euler).
     The tolerance is the trapezoid rule's on the integration grid."""
@@ -137,12 +148,14 @@ def test_dpm_solver_v3_with_degenerate_statistics_is_dpm_solver_pp(denoisers):
     "model_id, method_spec, base_spec, nfe",
     [
         ("gmm2d", spec("dpm_solver_v3", {"kind": "logsnr_uniform"}), spec("dpmpp_2m", {"kind": "logsnr_uniform"}), 8),
+        ("gmm2d", spec("dc_solver", {"kind": "logsnr_uniform"}),
+         spec("unipc", {"kind": "logsnr_uniform"}, order=3, variant="bh1"), 6),
         ("gmm2d", spec("dpmpp_2m_hb", beta=0.8), spec("dpmpp_2m"), 8),
         ("gmm2d", spec("plms_hb", beta=0.8), spec("plms_hb", beta=1.0), 6),
         ("digits-ideal", spec("plms_hb", beta=0.8), spec("plms_hb", beta=1.0), 8),
         ("digits-ideal", spec("plms_ghvb", beta=0.8), spec("plms_hb", beta=1.0), 8),
     ],
-    ids=["v3-vs-dpmpp_2m", "hb-vs-dpmpp_2m", "hb-vs-plms-gmm2d", "hb-vs-plms-digits", "ghvb-vs-plms-digits"],
+    ids=["v3-vs-dpmpp_2m", "dc-vs-unipc", "hb-vs-dpmpp_2m", "hb-vs-plms-gmm2d", "hb-vs-plms-digits", "ghvb-vs-plms-digits"],
 )
 def test_beats_base_solver_at_low_nfe(denoisers, exact, tmp_path, model_id, method_spec, base_spec, nfe):
     n = len(exact[model_id])
