@@ -17,6 +17,7 @@ from harness.cells import generate
 from harness.config import load_models
 from harness.errors import UnsupportedNFE
 from harness.methods import make_sampler
+from harness.methods.dmcmc import _rowwise_schedules, _solve_rowwise
 from harness.methods.schedule_search import usf_solve
 from harness.methods.solver_base import SOLVERS
 from harness.methods.teleport import gaussian_flow, restart_schedule
@@ -119,6 +120,17 @@ def test_usf_integrator_with_second_order_and_no_corrector_is_dpmpp_2m(denoisers
     sigmas = [80.0, 12.0, 2.5, 0.6, 0.05, 0.0]
     ours = usf_solve(denoiser, x, sigmas, [2] * 5, [0] * 5)
     torch.testing.assert_close(ours, SOLVERS["dpmpp_2m"].fn(denoiser, x, sigmas), rtol=1e-12, atol=1e-12)
+
+
+def test_dmcmc_rowwise_solver_is_dpmpp_2m_on_each_rows_restarted_schedule(denoisers):
+    denoiser = denoisers["gmm2d"]
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3.0
+    sigmas = [80.0, 12.0, 2.5, 0.6, 0.05, 0.0]
+    starts = torch.tensor([3.0, 3.0, 3.0, 0.9, 0.9, 0.9], dtype=torch.float64)
+    ours = _solve_rowwise(denoiser, x, _rowwise_schedules(sigmas, starts), order=2)
+    for rows, start in ((slice(0, 3), 3.0), (slice(3, 6), 0.9)):
+        expected = SOLVERS["dpmpp_2m"].fn(denoiser, x[rows], restart_schedule(sigmas, start))
+        torch.testing.assert_close(ours[rows], expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("method_id", ["autodiffusion", "usf"])
