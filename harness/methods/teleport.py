@@ -89,7 +89,8 @@ def gaussian_moments(denoiser, sigmas, calibration_seed, **params) -> dict:
         flat = flat.reshape(len(flat), -1)
         mean, cov, source = flat.mean(0), torch.cov(flat.T, correction=0), f"{MOMENT_DRAWS} model draws"
     else:
-        raise StepbenchError("teleport needs data moments: the model names no dataset, is no mixture and cannot sample_data")
+        raise StepbenchError("teleport needs data moments: the model names no dataset, is no mixture and has no "
+                             "sample_data")
     eigvals, eigvecs = torch.linalg.eigh(cov)
     return {"mean": mean.cpu(), "eigvals": eigvals.clamp(min=0).cpu(), "eigvecs": eigvecs.cpu(), "source": source}
 
