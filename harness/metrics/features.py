@@ -5,8 +5,9 @@ in a few seconds and cached, so image metrics work offline. It follows torch-fid
 input uint8 [N, 3, H, W] in 0..255, output a tuple of the requested feature layers. Samples and the
 reference dataset reach it through the same `data_to_uint8_rgb`, so quantisation treats both alike.
 
-EXTRACTORS maps a name to what the metrics need to know about it; Inception (pretrained weights
-from a configured path) is meant to join it as another entry.
+EXTRACTORS maps a name to what the metrics need to know about it: the embedded digits-cnn and
+torch-fidelity's own extractors (inception-v3-compat, clip-*, dinov2-*), whose weights come from a
+configured local path or torch-fidelity's download cache, never from the network at run time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import io
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -200,26 +202,59 @@ class FeatureExtractorDigitsCNN(FeatureExtractorBase):
         return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
 
 
-# --- registry of embedded extractors ----------------------------------------------------------------
+# --- registry: embedded extractors and torch-fidelity's own ------------------------------------------
+
+TF_RESIZE = "torch-fidelity bilinear (TF1.x-compatible) to {size}"  # interpolate_bilinear_2d_like_tensorflow1x
+
 
 @dataclass(frozen=True)
 class ExtractorSpec:
-    fidelity_class: type[FeatureExtractorBase]  # registered with torch-fidelity under the same name
-    build: Callable[[], dict]  # -> checkpoint to cache; runs only when the weights file is missing
     resize: str  # how images reach the extractor's input size; "none": they must already have it
-    input_size: tuple[int, int]
-    layers: dict[str, str]  # torch-fidelity metric key (fid, kid, isc) -> feature layer
+    input_size: tuple[int, int] | None  # None: any size (the extractor resizes)
+    layers: dict[str, str]  # torch-fidelity metric key (fid, kid, isc, prc) -> feature layer
+    fidelity_class: type[FeatureExtractorBase] | None = None  # embedded: registered with torch-fidelity
+    build: Callable[[], dict] | None = None  # embedded: -> checkpoint to cache when the weights are missing
+    library_file: Callable[[], Path] | None = None  # torch-fidelity's own: where its download is cached
+    batch_size: int = 500  # images per extractor call (Inception at 299x299 needs GBs per 500)
+    weights_path_supported: bool = True  # torch-fidelity's DINOv2 loads only through torch.hub's cache
+
+
+def _hub_checkpoint(filename: str) -> Callable[[], Path]:
+    """torch.hub's download cache ($TORCH_HOME/hub/checkpoints), where torch-fidelity's loaders look."""
+    return lambda: Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _library_extractors() -> dict[str, ExtractorSpec]:
+    from torch_fidelity.feature_extractor_clip import MODEL_METADATA as CLIP_MODELS
+    from torch_fidelity.feature_extractor_dinov2 import MODEL_METADATA as DINO_MODELS
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    specs = {"inception-v3-compat": ExtractorSpec(
+        resize=TF_RESIZE.format(size="299x299"), input_size=None,
+        layers={"fid": "2048", "kid": "2048", "prc": "2048", "isc": "logits_unbiased"},
+        library_file=_hub_checkpoint(URL_INCEPTION_V3.rsplit("/", 1)[1]), batch_size=64)}
+    for name, meta in CLIP_MODELS.items():
+        specs[name] = ExtractorSpec(resize=TF_RESIZE.format(size="the model's input resolution"), input_size=None,
+                                    layers={"fid": "clip", "kid": "clip", "prc": "clip", "isc": "clip"},
+                                    library_file=_hub_checkpoint(f"{name}-{meta['hash']}.pt"), batch_size=64)
+    for name, hub_name in DINO_MODELS.items():
+        specs[name] = ExtractorSpec(resize=TF_RESIZE.format(size="224x224"), input_size=None,
+                                    layers={"fid": "dinov2", "kid": "dinov2", "prc": "dinov2", "isc": "dinov2"},
+                                    library_file=_hub_checkpoint(f"{hub_name}_pretrain.pth"), batch_size=64,
+                                    weights_path_supported=False)
+    return specs
 
 
 EXTRACTORS: dict[str, ExtractorSpec] = {
-    "digits-cnn": ExtractorSpec(FeatureExtractorDigitsCNN, train_digits_cnn, resize="none",
-                                input_size=FeatureExtractorDigitsCNN.INPUT_SIZE,
-                                layers={"fid": "feat", "kid": "feat", "isc": "logits"}),
+    "digits-cnn": ExtractorSpec(resize="none", input_size=FeatureExtractorDigitsCNN.INPUT_SIZE,
+                                layers={"fid": "feat", "kid": "feat", "prc": "feat", "isc": "logits"},
+                                fidelity_class=FeatureExtractorDigitsCNN, build=train_digits_cnn),
+    **_library_extractors(),
 }
 
 for _name, _spec in EXTRACTORS.items():
     # torch-fidelity refuses a second registration of a name (module reloads, several entry points)
-    if _name not in FEATURE_EXTRACTORS_REGISTRY:
+    if _spec.fidelity_class is not None and _name not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(_name, _spec.fidelity_class)
 
 
@@ -231,8 +266,38 @@ def get_extractor(name: str) -> ExtractorSpec:
 
 
 def weights_path(cache_dir: Path, name: str) -> Path:
-    get_extractor(name)
+    """Where an embedded extractor's weights are cached (built by `stepbench extractor NAME`)."""
+    if get_extractor(name).build is None:
+        raise ConfigError(f"feature extractor {name!r} is torch-fidelity's own, not built by stepbench; "
+                          "its weights come from torch-fidelity's cache or 'feature_extractor_weights_path'")
     return Path(cache_dir) / "extractors" / f"{name}.pt"
+
+
+def planned_weights_path(name: str, cache_dir: Path, configured: str | None) -> Path:
+    """The weights file an extractor will load, computable before it exists (Snakemake inputs)."""
+    spec = get_extractor(name)
+    if configured is not None:
+        if not spec.weights_path_supported:
+            raise ConfigError(f"models.yaml key 'feature_extractor_weights_path': torch-fidelity loads {name!r} "
+                              f"only from torch.hub's cache ({spec.library_file()}); remove the key")
+        return Path(configured).expanduser()
+    return weights_path(cache_dir, name) if spec.build is not None else spec.library_file()
+
+
+def resolve_weights(name: str, cache_dir: Path, configured: str | None) -> Path:
+    """The extractor's weights file: the configured one, the embedded one (built if missing), or the
+    library's cached download. Nothing is downloaded: a missing file is one line saying where we looked."""
+    spec = get_extractor(name)
+    path = planned_weights_path(name, cache_dir, configured)
+    if configured is None and spec.build is not None:
+        return build_extractor(name, cache_dir)
+    if not path.is_file():
+        where = ("models.yaml key 'feature_extractor_weights_path'" if configured is not None else
+                 "torch-fidelity's download cache under torch.hub.get_dir(); nothing is downloaded at run time")
+        hint = "" if configured is not None or not spec.weights_path_supported else \
+            "; put the file there or set models.yaml key 'feature_extractor_weights_path'"
+        raise StepbenchError(f"{name} weights not found: looked for {path} ({where}){hint}")
+    return path
 
 
 def build_extractor(name: str, cache_dir: Path) -> Path:
@@ -252,6 +317,13 @@ def build_extractor(name: str, cache_dir: Path) -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime): Inception's 100 MB are hashed once per process."""
+    stat = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -1,13 +1,17 @@
-"""FID, KID and Inception Score through torch-fidelity, against cached reference statistics.
+"""FID, KID, Inception Score and precision/recall against cached reference statistics.
 
-The pipeline is torch-fidelity's own, as pure functions: uint8 images -> features -> statistics ->
-metric. Every step calls torch-fidelity, so a cell's numbers equal `torch_fidelity.calculate_metrics`
-on the same images with the same extractor (tests/test_fidelity.py checks it). Samples are the
-metrics' input1, the model's reference dataset (models.yaml `dataset`) input2.
+The pipeline is pure functions: uint8 images -> features -> statistics -> metric. Features come from
+torch-fidelity (the embedded digits-cnn, inception-v3-compat, clip-*, dinov2-*) or from clean-fid's
+`clean` mode (models.yaml `fid_backend: clean-fid`). KID, IS and precision/recall are torch-fidelity's
+own functions; FID's trace term is the symmetric-eigenvalue form of frechet.py, equal to
+torch-fidelity's `fid_statistics_to_metric` (tests/test_fidelity.py, tests/test_inception.py) and
+clean-fid's `frechet_distance` (tests/test_cleanfid.py) but seconds instead of minutes at 2048-d.
+Samples are the metrics' input1, the reference data (refdata.py) input2.
 
-Reference features and statistics are computed once per (dataset, extractor) and cached under
-`<cache_dir>/refstats/`; the file records its key (dataset, extractor, weights sha256, resize mode,
-image count) and is rebuilt when the extractor's weights no longer match.
+Reference features and statistics are cached under `<cache_dir>/refstats/` at a path computable from
+the config alone (Snakemake knows it before the extractor exists); the file stores its full key
+(source and its content fingerprint, extractor, backend, weights sha256, resize mode, image count) and
+is rebuilt when the key no longer matches. Every value carries a bootstrap interval over samples.
 """
 
 from __future__ import annotations
@@ -20,25 +24,97 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch_fidelity
 from torch_fidelity.defaults import DEFAULTS
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from harness.datasets import DATASETS, load_dataset
 from harness.errors import ConfigError, StepbenchError
+from harness.metrics import cleanfid_backend
 from harness.metrics.base import EvalContext, Metric, MetricValue
-from harness.metrics.features import (UInt8ImageDataset, build_extractor, data_to_uint8_rgb, file_sha256,
-                                      get_extractor)
+from harness.metrics.bootstrap import BootstrapSpec, bootstrap_interval
+from harness.metrics.features import (UInt8ImageDataset, data_to_uint8_rgb, file_sha256, get_extractor,
+                                      planned_weights_path, resolve_weights)
+from harness.metrics.frechet import covariance_factor, frechet_distance, sample_factor, trace_sqrt_product
+from harness.metrics.refdata import (ReferenceSource, embedded_source, load_reference_images,
+                                     load_reference_moments, reference_source)
 
-FEATURE_BATCH_SIZE = 500  # images per extractor call
 # torch-fidelity's own defaults, so that results equal calculate_metrics called with defaults.
 RNG_SEED = DEFAULTS["rng_seed"]
 KID_SUBSETS = DEFAULTS["kid_subsets"]
 KID_SUBSET_SIZE = DEFAULTS["kid_subset_size"]
 ISC_SPLITS = DEFAULTS["isc_splits"]
+PRC_NEIGHBORHOOD = DEFAULTS["prc_neighborhood"]
+PRC_BATCH_SIZE = DEFAULTS["prc_batch_size"]
+PRC_BOOTSTRAP_MAX_SAMPLES = 20000  # recall's bootstrap keeps a samples x samples distance matrix
+KID_BOOTSTRAP_MAX_SAMPLES = 20000  # KID's bootstrap keeps the samples x samples kernel matrix
+BACKENDS = ("torch-fidelity", "clean-fid")
+TRACE_SQRT = "eigvalsh(B^T S1 B), S_ref = B B^T (stepbench frechet.py)"
+
+
+# --- what a model's metrics are computed with ---------------------------------------------------
+
+@dataclass(frozen=True)
+class FidelitySetup:
+    backend: str
+    extractor: str
+    weights_config: str | None  # models.yaml feature_extractor_weights_path
+    source: ReferenceSource
+    bootstrap: BootstrapSpec
+
+    @property
+    def layers(self) -> dict[str, str]:
+        if self.backend == "clean-fid":
+            return {"fid": "2048", "kid": "2048", "prc": "2048"}
+        return get_extractor(self.extractor).layers
+
+    @property
+    def resize(self) -> str:
+        return cleanfid_backend.RESIZE if self.backend == "clean-fid" else get_extractor(self.extractor).resize
+
+    def layer(self, metric: str) -> str:
+        if metric not in self.layers:
+            raise StepbenchError(f"{metric}: the {self.backend} backend has no classifier logits; "
+                                 "use fid_backend torch-fidelity with an extractor that has them")
+        return self.layers[metric]
+
+
+def fidelity_setup(model_spec: dict, model_id: str) -> FidelitySetup:
+    backend = model_spec.get("fid_backend", "torch-fidelity")
+    if backend not in BACKENDS:
+        raise ConfigError(f"models.yaml: key '{model_id}.fid_backend': {backend!r} unknown; valid: {', '.join(BACKENDS)}")
+    if backend == "clean-fid":
+        extractor = cleanfid_backend.EXTRACTOR
+    elif "feature_extractor" not in model_spec:
+        raise ConfigError(f"models.yaml: key '{model_id}.feature_extractor' missing; fid/kid/is need it")
+    else:
+        extractor = model_spec["feature_extractor"]
+        get_extractor(extractor)
+    return FidelitySetup(backend, extractor, model_spec.get("feature_extractor_weights_path"),
+                         reference_source(model_spec, model_id), BootstrapSpec.from_model_spec(model_spec, model_id))
+
+
+def default_setup(dataset: str, extractor: str) -> FidelitySetup:
+    """An embedded dataset with an extractor, as `stepbench refstats --dataset --extractor` names it."""
+    get_extractor(extractor)
+    return FidelitySetup("torch-fidelity", extractor, None, embedded_source(dataset), BootstrapSpec())
+
+
+def planned_weights(setup: FidelitySetup, cache_dir: Path) -> Path:
+    if setup.backend == "clean-fid":
+        return cleanfid_backend.planned_weights_file(setup.weights_config)
+    return planned_weights_path(setup.extractor, cache_dir, setup.weights_config)
+
+
+def weights_file(setup: FidelitySetup, cache_dir: Path) -> Path:
+    if setup.backend == "clean-fid":
+        return cleanfid_backend.resolve_weights_file(setup.weights_config)
+    return resolve_weights(setup.extractor, cache_dir, setup.weights_config)
+
+
+def backend_version(backend: str) -> str:
+    if backend == "clean-fid":
+        return cleanfid_backend.backend_version()
+    import torch_fidelity
+
+    return torch_fidelity.__version__
 
 
 # --- pure functions: images -> features -> statistics -> metric ---------------------------------
@@ -46,25 +122,48 @@ ISC_SPLITS = DEFAULTS["isc_splits"]
 def extract_features(images: torch.Tensor, extractor: str, weights: Path, layers: list[str],
                      device: str = "cpu") -> dict[str, torch.Tensor]:
     """uint8 [N, 3, H, W] -> {layer: float32 [N, D]} through torch-fidelity's extractor and data loop."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
     spec = get_extractor(extractor)
-    if spec.resize == "none" and tuple(images.shape[2:]) != spec.input_size:
+    if spec.input_size is not None and tuple(images.shape[2:]) != spec.input_size:
         raise StepbenchError(f"feature extractor {extractor!r} takes {spec.input_size[0]}x{spec.input_size[1]} "
                              f"images (resize mode 'none'); got {images.shape[2]}x{images.shape[3]}")
     cuda = torch.device(device).type == "cuda"
     net = create_feature_extractor(extractor, layers, cuda=cuda, feature_extractor_weights_path=str(weights),
                                    verbose=False)
     # save_cpu_ram: no DataLoader worker processes; they cost more than they save on small images
-    return get_featuresdict_from_dataset(UInt8ImageDataset(images), net, FEATURE_BATCH_SIZE, cuda,
+    return get_featuresdict_from_dataset(UInt8ImageDataset(images), net, spec.batch_size, cuda,
                                          save_cpu_ram=True, verbose=False)
 
 
+def setup_features(images: torch.Tensor, setup: FidelitySetup, weights: Path, layers: list[str],
+                   device: str = "cpu") -> dict[str, torch.Tensor]:
+    if setup.backend == "clean-fid":
+        return {"2048": cleanfid_backend.extract_features(images, weights, device)}
+    return extract_features(images, setup.extractor, weights, layers, device)
+
+
 def fid_statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
-    """Mean and covariance of features, in float64."""
-    return fid_features_to_statistics(features.to(torch.float64))
+    """Mean and covariance of features, in float64 (torch-fidelity's fid_features_to_statistics)."""
+    x = features.to(torch.float64).numpy()
+    return {"mu": np.mean(x, axis=0), "sigma": np.cov(x, rowvar=False)}
 
 
-def frechet_distance(stats_1: dict[str, np.ndarray], stats_2: dict[str, np.ndarray]) -> float:
-    return fid_statistics_to_metric(stats_1, stats_2, verbose=False)[KEY_METRIC_FID]
+def fid_from_features(features: torch.Tensor, reference: "ReferenceStatistics", device: str = "cpu") -> float:
+    """FID of sample features against the reference; only the factor A of S1 = A^T A is formed."""
+    a = sample_factor(features, device)
+    mu = features.to(torch.float64).mean(0).numpy()
+    trace_s1 = float(a.square().sum())
+    tr_sqrt = trace_sqrt_product(reference.factor.to(device), factor=a)
+    diff = mu - reference.fid["mu"]
+    return float(diff.dot(diff) + trace_s1 + np.trace(reference.fid["sigma"]) - 2.0 * tr_sqrt)
+
+
+def frechet_statistics_distance(stats_1: dict[str, np.ndarray], stats_2: dict[str, np.ndarray]) -> float:
+    """FID between two (mu, sigma) pairs, e.g. two precomputed statistics files."""
+    factor = covariance_factor(stats_2["sigma"])
+    return frechet_distance(stats_1["mu"], stats_1["sigma"], stats_2["mu"], stats_2["sigma"],
+                            trace_sqrt_product(factor, sigma=stats_1["sigma"]))
 
 
 def kid_subset_size(num_1: int, num_2: int) -> int:
@@ -74,72 +173,152 @@ def kid_subset_size(num_1: int, num_2: int) -> int:
 
 def kernel_distance(features_1: torch.Tensor, features_2: torch.Tensor) -> tuple[float, float]:
     """KID (polynomial kernel MMD^2 over random subsets): mean and standard deviation over subsets."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
     out = kid_features_to_metric(features_1, features_2, kid_subsets=KID_SUBSETS,
                                  kid_subset_size=kid_subset_size(len(features_1), len(features_2)),
                                  rng_seed=RNG_SEED, verbose=False)
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
 
 
+def kid_bootstrap(features_1: torch.Tensor, features_2: torch.Tensor,
+                  spec: BootstrapSpec) -> tuple[float, float] | None:
+    """Interval of KID over resampled samples, from kernel matrices computed once.
+
+    Re-running torch-fidelity's 100-subset estimator per resample costs minutes; every resample here
+    is the unbiased MMD^2 of the whole resample (same kernel, same expectation as the subset mean), with
+    pairs of copies of one sample left out as the unbiased estimator leaves out the diagonal.
+    """
+    if len(features_1) > KID_BOOTSTRAP_MAX_SAMPLES or spec.resamples == 0:
+        return None
+    x, y = features_1.to(torch.float64), features_2.to(torch.float64)
+    dim = x.shape[1]
+    k_xx, k_xy, k_yy = ((a @ b.T / dim + 1) ** 3 for a, b in ((x, x), (x, y), (y, y)))
+    n2 = len(y)
+    term_yy = float((k_yy.sum() - k_yy.diagonal().sum()) / (n2 * (n2 - 1)))
+
+    def mmd2(indices: torch.Tensor) -> float:
+        distinct = indices[:, None] != indices[None, :]
+        return float(k_xx[indices][:, indices][distinct].mean()) + term_yy - 2.0 * float(k_xy[indices].mean())
+
+    return bootstrap_interval(mmd2, len(x), spec)
+
+
 def inception_score(logits: torch.Tensor) -> tuple[float, float]:
     """IS over ISC_SPLITS shuffled splits: mean and standard deviation over splits."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
     out = isc_features_to_metric(logits, splits=ISC_SPLITS, shuffle=True, rng_seed=RNG_SEED)
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 
 
-# --- reference statistics (cached per dataset and extractor) ------------------------------------
+def precision_recall(features_1: torch.Tensor, features_2: torch.Tensor) -> tuple[float, float]:
+    """Improved precision/recall (k-NN manifolds, Kynkäänniemi et al.), torch-fidelity's function."""
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    out = prc_features_to_metric(features_1, features_2, prc_neighborhood=PRC_NEIGHBORHOOD,
+                                 prc_batch_size=PRC_BATCH_SIZE, save_cpu_ram=True, verbose=False)
+    return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
+
+
+def precision_recall_bootstrap(features_1: torch.Tensor, features_2: torch.Tensor,
+                               spec: BootstrapSpec) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+    """Intervals for precision and recall over resampled samples.
+
+    Precision is a mean of per-sample indicators against the fixed reference manifold, so it resamples
+    exactly. Recall depends on the samples' own k-NN radii; a resample's duplicates would shrink them
+    to zero, so radii and balls are taken over its distinct samples.
+    """
+    if len(features_1) > PRC_BOOTSTRAP_MAX_SAMPLES:
+        return None, None
+    x, y = features_1.to(torch.float32), features_2.to(torch.float32)
+    k = PRC_NEIGHBORHOOD
+    radius_real = torch.cdist(y, y).kthvalue(k + 1, dim=1).values
+    real_to_gen = torch.cdist(y, x)  # [N2, N1]
+    inside_real = (real_to_gen <= radius_real[:, None]).any(dim=0).double()  # per sample: precision indicator
+    gen_to_gen = torch.cdist(x, x)
+
+    def recall(indices: torch.Tensor) -> float:
+        distinct = torch.unique(indices)
+        if len(distinct) <= k:
+            return float("nan")
+        radius = gen_to_gen[distinct][:, distinct].kthvalue(k + 1, dim=1).values
+        return float((real_to_gen[:, distinct] <= radius).any(dim=1).double().mean())
+
+    return (bootstrap_interval(lambda i: float(inside_real[i].mean()), len(x), spec),
+            bootstrap_interval(recall, len(x), spec))
+
+
+# --- reference statistics (cached per source, extractor and backend) -----------------------------
 
 @dataclass
 class ReferenceStatistics:
-    key: dict  # dataset, extractor, weights_sha256, resize, num_images
-    features: dict[str, torch.Tensor]  # the FID/KID layers of every reference image
+    key: dict  # source, fingerprint, extractor, backend, weights_sha256, resize, num_images
+    features: dict[str, torch.Tensor]  # the distribution layers of every reference image (none: npz_stats)
     fid: dict[str, np.ndarray]  # mu, sigma (float64) of the FID layer
+    factor: torch.Tensor  # B with B B^T = sigma: FID's trace term without a D x D eigenproblem per cell
     sha256: str  # of the key and all arrays: names these statistics in provenance
 
 
-def _check_dataset(dataset: str) -> None:
-    if dataset not in DATASETS:
-        raise ConfigError(f"dataset {dataset!r} unknown (models.yaml key 'dataset'); valid: {', '.join(DATASETS)}")
+def _as_setup(source: FidelitySetup | str, extractor: str | None) -> FidelitySetup:
+    return source if isinstance(source, FidelitySetup) else default_setup(source, extractor)
 
 
-def reference_statistics_path(cache_dir: Path, dataset: str, extractor: str) -> Path:
-    _check_dataset(dataset)
-    get_extractor(extractor)
-    return Path(cache_dir) / "refstats" / f"{dataset}-{extractor}.npz"
+def reference_statistics_path(cache_dir: Path, source: FidelitySetup | str, extractor: str | None = None) -> Path:
+    """Computable from the config alone: the weights' content is checked inside the file, not named here."""
+    setup = _as_setup(source, extractor)
+    folder = Path(cache_dir) / "refstats"
+    if setup.source.kind == "embedded" and setup.backend == "torch-fidelity" and setup.weights_config is None:
+        return folder / f"{setup.source.name}-{setup.extractor}.npz"
+    naming = {"source": setup.source.describe(), "extractor": setup.extractor, "backend": setup.backend,
+              "weights": setup.weights_config}
+    digest = hashlib.sha256(json.dumps(naming, sort_keys=True).encode()).hexdigest()[:12]
+    return folder / f"{setup.source.label()}-{setup.extractor}-{digest}.npz"
 
 
-def build_reference_statistics(cache_dir: Path, dataset: str, extractor: str) -> Path:
+def build_reference_statistics(cache_dir: Path, source: FidelitySetup | str, extractor: str | None = None) -> Path:
     """Compute and cache the reference features and statistics unless current ones exist (idempotent)."""
-    load_reference_statistics(cache_dir, dataset, extractor)
-    return reference_statistics_path(cache_dir, dataset, extractor)
+    setup = _as_setup(source, extractor)
+    load_reference_statistics(cache_dir, setup)
+    return reference_statistics_path(cache_dir, setup)
 
 
-def load_reference_statistics(cache_dir: Path, dataset: str, extractor: str,
+def _wanted_key(setup: FidelitySetup, weights: Path) -> dict:
+    return {"source": setup.source.describe(), "fingerprint": setup.source.fingerprint(),
+            "extractor": setup.extractor, "backend": setup.backend, "weights_sha256": file_sha256(weights),
+            "resize": setup.resize}
+
+
+def load_reference_statistics(cache_dir: Path, source: FidelitySetup | str, extractor: str | None = None,
                               device: str = "cpu") -> ReferenceStatistics:
-    path = reference_statistics_path(cache_dir, dataset, extractor)
-    weights = build_extractor(extractor, cache_dir)
-    wanted = {"dataset": dataset, "extractor": extractor, "weights_sha256": file_sha256(weights),
-              "resize": get_extractor(extractor).resize}
+    setup = _as_setup(source, extractor)
+    path = reference_statistics_path(cache_dir, setup)
+    weights = weights_file(setup, cache_dir)
+    wanted = _wanted_key(setup, weights)
     if path.is_file():
         cached = _read_reference(path)
-        # num_images is not checked: it is fixed by the embedded dataset, and reading it would mean
-        # loading the dataset on every evaluate
         if {k: cached.key.get(k) for k in wanted} == wanted:
             return cached
-    reference = compute_reference_statistics(dataset, extractor, weights, device)
+    reference = compute_reference_statistics(setup, weights, device)
     _write_reference(path, reference)
     return reference
 
 
-def compute_reference_statistics(dataset: str, extractor: str, weights: Path,
-                                 device: str = "cpu") -> ReferenceStatistics:
-    spec = get_extractor(extractor)
-    images, _ = load_dataset(dataset)
-    layers = sorted({spec.layers["fid"], spec.layers["kid"]})
-    features = extract_features(data_to_uint8_rgb(images), extractor, weights, layers, device)
-    key = {"dataset": dataset, "extractor": extractor, "weights_sha256": file_sha256(weights),
-           "resize": spec.resize, "num_images": len(images)}
-    fid = fid_statistics(features[spec.layers["fid"]])
-    return ReferenceStatistics(key, features, fid, _statistics_sha256(key, features, fid))
+def compute_reference_statistics(setup: FidelitySetup, weights: Path, device: str = "cpu") -> ReferenceStatistics:
+    key = {**_wanted_key(setup, weights), "backend_version": backend_version(setup.backend)}
+    if not setup.source.has_images:
+        fid = load_reference_moments(setup.source)
+        features: dict[str, torch.Tensor] = {}
+        key["num_images"] = None  # EDM's files do not record it
+    else:
+        images = load_reference_images(setup.source)
+        layers = sorted({setup.layers[m] for m in ("fid", "kid", "prc")})
+        features = setup_features(images, setup, weights, layers, device)
+        fid = fid_statistics(features[setup.layers["fid"]])
+        key["num_images"] = len(images)
+    layer = features.get(setup.layers["fid"])
+    factor = covariance_factor(fid["sigma"], layer)
+    return ReferenceStatistics(key, features, fid, factor, _statistics_sha256(key, features, fid))
 
 
 def _statistics_sha256(key: dict, features: dict[str, torch.Tensor], fid: dict[str, np.ndarray]) -> str:
@@ -155,7 +334,7 @@ def _write_reference(path: Path, ref: ReferenceStatistics) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: parallel jobs may race here
     with open(tmp, "wb") as f:
-        np.savez(f, key=json.dumps(ref.key), sha256=ref.sha256,
+        np.savez(f, key=json.dumps(ref.key), sha256=ref.sha256, factor=ref.factor.numpy(),
                  **{f"feature_{k}": v.numpy() for k, v in ref.features.items()},
                  **{f"fid_{k}": v for k, v in ref.fid.items()})
     os.replace(tmp, path)
@@ -169,6 +348,7 @@ def _read_reference(path: Path) -> ReferenceStatistics:
                 features={k.removeprefix("feature_"): torch.from_numpy(data[k]) for k in data.files
                           if k.startswith("feature_")},
                 fid={k.removeprefix("fid_"): data[k] for k in data.files if k.startswith("fid_")},
+                factor=torch.from_numpy(data["factor"]),
                 sha256=str(data["sha256"]),
             )
     except (OSError, ValueError, KeyError) as err:
@@ -177,43 +357,49 @@ def _read_reference(path: Path) -> ReferenceStatistics:
 
 # --- metrics -------------------------------------------------------------------------------------
 
-def _spec_key(ctx: EvalContext, key: str) -> str:
-    if key not in ctx.model_spec:
-        raise ConfigError(f"models.yaml: key '{ctx.cell['model']}.{key}' missing; fid/kid/is need it")
-    return ctx.model_spec[key]
+def setup_of(ctx: EvalContext) -> FidelitySetup:
+    return ctx.memo("fidelity-setup", lambda: fidelity_setup(ctx.model_spec, ctx.cell.get("model", "?")))
 
 
 def sample_features(ctx: EvalContext) -> tuple[dict[str, torch.Tensor], dict]:
     """Features of the cell's samples for every layer the metrics use, once per evaluate, with the
-    provenance all three metrics share."""
-    extractor = _spec_key(ctx, "feature_extractor")
+    provenance all metrics share."""
+    setup = setup_of(ctx)
 
     def compute():
-        spec = get_extractor(extractor)
-        weights = build_extractor(extractor, ctx.cache_dir)
-        layers = sorted(set(spec.layers.values()))
-        features = extract_features(data_to_uint8_rgb(ctx.samples), extractor, weights, layers, ctx.device)
-        provenance = {"extractor": extractor, "weights_sha256": file_sha256(weights), "resize": spec.resize,
-                      "backend": "torch-fidelity", "backend_version": torch_fidelity.__version__,
-                      "num_samples": len(ctx.samples)}
+        weights = weights_file(setup, ctx.cache_dir)
+        layers = sorted(set(setup.layers.values()))
+        features = setup_features(data_to_uint8_rgb(ctx.samples), setup, weights, layers, ctx.device)
+        provenance = {"extractor": setup.extractor, "weights_sha256": file_sha256(weights),
+                      "weights_file": str(weights), "resize": setup.resize, "backend": setup.backend,
+                      "backend_version": backend_version(setup.backend), "num_samples": len(ctx.samples)}
         return features, provenance
 
-    return ctx.memo(f"fidelity-features:{extractor}", compute)
+    return ctx.memo("fidelity-features", compute)
 
 
 def reference_statistics(ctx: EvalContext) -> tuple[ReferenceStatistics, dict]:
     """The model's cached reference statistics and their provenance, once per evaluate."""
-    dataset, extractor = _spec_key(ctx, "dataset"), _spec_key(ctx, "feature_extractor")
+    setup = setup_of(ctx)
 
     def compute():
-        ref = load_reference_statistics(ctx.cache_dir, dataset, extractor, ctx.device)
-        return ref, {"dataset": dataset, "num_images": ref.key["num_images"], "stats_sha256": ref.sha256}
+        ref = load_reference_statistics(ctx.cache_dir, setup, device=ctx.device)
+        return ref, {**setup.source.describe(), "dataset": setup.source.name, "num_images": ref.key["num_images"],
+                     "stats_sha256": ref.sha256}
 
-    return ctx.memo(f"fidelity-reference:{dataset}:{extractor}", compute)
+    return ctx.memo("fidelity-reference", compute)
 
 
-def _layer(ctx: EvalContext, metric: str) -> str:
-    return get_extractor(_spec_key(ctx, "feature_extractor")).layers[metric]
+def _reference_features(reference: ReferenceStatistics, layer: str, metric: str) -> torch.Tensor:
+    if layer not in reference.features:
+        raise StepbenchError(f"{metric}: the reference data are precomputed FID statistics (npz_stats); "
+                             f"{metric} needs reference images (reference_data kind folder, npz_images or library)")
+    return reference.features[layer]
+
+
+def _value(value: float, interval, provenance: dict) -> MetricValue:
+    low, high = interval if interval is not None else (None, None)
+    return MetricValue(value, low, high, provenance)
 
 
 class FID(Metric):
@@ -223,9 +409,13 @@ class FID(Metric):
 
     def compute(self, ctx: EvalContext) -> MetricValue:
         (features, provenance), (reference, ref_provenance) = sample_features(ctx), reference_statistics(ctx)
-        layer = _layer(ctx, "fid")
-        value = frechet_distance(fid_statistics(features[layer]), reference.fid)
-        return MetricValue(value, provenance={**provenance, "feature_layer": layer, "reference": ref_provenance})
+        setup = setup_of(ctx)
+        samples = features[setup.layer("fid")]
+        value = fid_from_features(samples, reference, ctx.device)
+        interval = bootstrap_interval(lambda i: fid_from_features(samples[i], reference, ctx.device),
+                                      len(samples), setup.bootstrap)
+        return _value(value, interval, {**provenance, "feature_layer": setup.layer("fid"), "reference": ref_provenance,
+                                        "trace_sqrt": TRACE_SQRT, "bootstrap": setup.bootstrap.provenance()})
 
 
 class KID(Metric):
@@ -235,12 +425,16 @@ class KID(Metric):
 
     def compute(self, ctx: EvalContext) -> MetricValue:
         (features, provenance), (reference, ref_provenance) = sample_features(ctx), reference_statistics(ctx)
-        layer = _layer(ctx, "kid")
-        samples, ref = features[layer], reference.features[layer]
+        setup = setup_of(ctx)
+        layer = setup.layer("kid")
+        samples, ref = features[layer], _reference_features(reference, layer, "kid")
         mean, std = kernel_distance(samples, ref)
-        return MetricValue(mean, provenance={
+        interval = kid_bootstrap(samples, ref, setup.bootstrap)
+        return _value(mean, interval, {
             **provenance, "feature_layer": layer, "reference": ref_provenance, "std": std, "subsets": KID_SUBSETS,
-            "subset_size": kid_subset_size(len(samples), len(ref)), "rng_seed": RNG_SEED})
+            "subset_size": kid_subset_size(len(samples), len(ref)), "rng_seed": RNG_SEED,
+            "estimator": "torch-fidelity kid_features_to_metric",
+            "bootstrap": {**setup.bootstrap.provenance(), "statistic": "unbiased MMD^2 of each whole resample"}})
 
 
 class InceptionScore(Metric):
@@ -250,8 +444,48 @@ class InceptionScore(Metric):
     higher_is_better = True
 
     def compute(self, ctx: EvalContext) -> MetricValue:
+        setup = setup_of(ctx)
+        layer = setup.layer("isc")
         features, provenance = sample_features(ctx)
-        layer = _layer(ctx, "isc")
-        mean, std = inception_score(features[layer])
-        return MetricValue(mean, provenance={**provenance, "feature_layer": layer, "std": std,
-                                             "splits": ISC_SPLITS, "rng_seed": RNG_SEED})
+        logits = features[layer]
+        mean, std = inception_score(logits)
+        interval = bootstrap_interval(lambda i: inception_score(logits[i])[0], len(logits), setup.bootstrap)
+        return _value(mean, interval, {**provenance, "feature_layer": layer, "std": std, "splits": ISC_SPLITS,
+                                       "rng_seed": RNG_SEED, "bootstrap": setup.bootstrap.provenance()})
+
+
+def _precision_recall(ctx: EvalContext) -> dict:
+    (features, provenance), (reference, ref_provenance) = sample_features(ctx), reference_statistics(ctx)
+    setup = setup_of(ctx)
+    layer = setup.layer("prc")
+
+    def compute():
+        samples, ref = features[layer], _reference_features(reference, layer, "precision/recall")
+        precision, recall = precision_recall(samples, ref)
+        intervals = precision_recall_bootstrap(samples, ref, setup.bootstrap)
+        common = {**provenance, "feature_layer": layer, "reference": ref_provenance, "neighborhood": PRC_NEIGHBORHOOD,
+                  "estimator": "torch-fidelity prc_features_to_metric", "bootstrap": setup.bootstrap.provenance()}
+        return {"precision": _value(precision, intervals[0], common),
+                "recall": _value(recall, intervals[1], {**common, "bootstrap_note": "radii over distinct resampled samples"})}
+
+    return ctx.memo("fidelity-prc", compute)
+
+
+class Precision(Metric):
+    """Fraction of samples inside the reference's k-NN manifold (fidelity)."""
+
+    name = "precision"
+    higher_is_better = True
+
+    def compute(self, ctx: EvalContext) -> MetricValue:
+        return _precision_recall(ctx)["precision"]
+
+
+class Recall(Metric):
+    """Fraction of reference images inside the samples' k-NN manifold (coverage)."""
+
+    name = "recall"
+    higher_is_better = True
+
+    def compute(self, ctx: EvalContext) -> MetricValue:
+        return _precision_recall(ctx)["recall"]
