@@ -189,7 +189,7 @@ def test_clip_missing_weights_are_one_line_naming_model_and_place(tmp_path, monk
 
     from harness.metrics.clip_score import load_clip
 
-    with pytest.raises(StepbenchError, match=f"CLIP ViT-B-32: weights not found; looked in the file .*missing.pt"):
+    with pytest.raises(StepbenchError, match="CLIP ViT-B-32: weights not found; looked in the file .*missing.pt"):
         load_clip("ViT-B-32", str(tmp_path / "missing.pt"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network attempt in a test
     with pytest.raises(StepbenchError) as err:
@@ -250,3 +250,193 @@ def test_clip_score_rejects_non_image_samples(tmp_path, clip_checkpoint):
     spec = {"prompts": ["a"], "clip": {"model": TINY_CLIP, "pretrained": str(clip_checkpoint)}}
     with pytest.raises(StepbenchError, match=r"image samples \[S, 1 or 3, H, W\]"):
         evaluate_cell(write_cell(tmp_path, "tiny", np.zeros((4, 2), np.float32)), spec, {}, ["clip_score"], tmp_path)
+
+
+# --- CLAP ---------------------------------------------------------------------------------------------
+
+CLAP_RATE = 8000  # the tiny extractor's rate; samples are made at AUDIO_RATE and resampled to it
+AUDIO_RATE = 16000
+TONE_CAPTIONS = ["a steady tone", "white noise", "a click train", "a rising chirp"]
+
+
+def tones(seconds: float = 0.75, rate: int = AUDIO_RATE) -> np.ndarray:
+    """Four clips [4, T] at `rate`, one per caption of TONE_CAPTIONS. Their textures differ, not only
+    their pitch: HTSAT pools over the spectrogram, so tones of different pitch alone look alike to it."""
+    t = np.arange(int(seconds * rate)) / rate
+    clicks = np.zeros_like(t)
+    clicks[:: rate // 10] = 1.0
+    noise = 0.3 * np.random.default_rng(0).standard_normal(len(t))
+    chirp = 0.5 * np.sin(2 * np.pi * (200 * t + 2500 * t ** 2))
+    return np.stack([0.5 * np.sin(2 * np.pi * 500 * t), noise, clicks, chirp]).astype(np.float32)
+
+
+def write_tiny_clap_files(directory: Path) -> None:
+    """An untrained tiny ClapModel with its processor: a byte-level BPE tokenizer with no merges (every
+    byte is a token) and a 1-second, 8 kHz, 16-mel feature extractor."""
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
+
+    # GPT-2's byte -> printable-character table, the alphabet of byte-level BPE
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    alphabet = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+    vocab = {token: i for i, token in enumerate(["<s>", "<pad>", "</s>", "<unk>", *alphabet, "<mask>"])}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = RobertaTokenizer.from_pretrained(directory, model_max_length=32)
+    extractor = ClapFeatureExtractor(feature_size=16, sampling_rate=CLAP_RATE, hop_length=160, max_length_s=1,
+                                     fft_window_size=256, frequency_min=50, frequency_max=4000,
+                                     truncation="rand_trunc", padding="repeatpad")
+    config = ClapConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=40, pad_token_id=1, bos_token_id=0,
+                         eos_token_id=2, projection_dim=16),
+        audio_config=dict(spec_size=64, num_mel_bins=16, patch_size=4, patch_stride=[4, 4], window_size=4,
+                          depths=[1, 1], num_attention_heads=[2, 2], hidden_size=32, patch_embeds_hidden_size=16,
+                          enable_fusion=False, projection_dim=16),
+        projection_dim=16)
+    ClapModel(config).save_pretrained(directory)
+    ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(directory)
+
+
+def train_clap(directory: Path, audio: np.ndarray, captions: list[str], steps: int = 100) -> None:
+    """Contrastive training of the projection heads on matched (clip, caption) pairs, through the metric's
+    own features. The encoders stay frozen: a tiny HTSAT learns too slowly on two shared CPU cores, and
+    its pooled outputs of different clips already differ, so the heads can pull each pair together."""
+    from transformers import ClapModel, ClapProcessor
+
+    from harness.metrics.clap_score import audio_features, resample
+
+    model, processor = ClapModel.from_pretrained(directory).eval(), ClapProcessor.from_pretrained(directory)
+    features, longer = audio_features(processor.feature_extractor, resample(audio.astype(np.float64), AUDIO_RATE,
+                                                                            CLAP_RATE))
+    tokens = processor.tokenizer(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pooled_audio = model.audio_model(input_features=features.float(), is_longer=longer).pooler_output
+        pooled_text = model.text_model(**tokens).pooler_output
+    heads = [*model.audio_projection.parameters(), *model.text_projection.parameters()]
+    optimiser = torch.optim.Adam(heads, lr=1e-2)
+    target = torch.arange(len(captions))
+    for _ in range(steps):
+        a = torch.nn.functional.normalize(model.audio_projection(pooled_audio), dim=-1)
+        t = torch.nn.functional.normalize(model.text_projection(pooled_text), dim=-1)
+        logits = 10.0 * a @ t.T
+        loss = torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def clap_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-clap")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        write_tiny_clap_files(directory)
+        train_clap(directory, tones(), TONE_CAPTIONS)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_clap(clap_dir):
+    from harness.metrics.clap_score import load_clap
+
+    return load_clap(str(clap_dir))
+
+
+def noise_clips(num: int, seconds: float, seed: int, rate: int = AUDIO_RATE) -> np.ndarray:
+    return (0.3 * np.random.default_rng(seed).standard_normal((num, int(seconds * rate)))).astype(np.float32)
+
+
+def test_clap_own_caption_beats_a_shuffled_one(tiny_clap):
+    from harness.metrics.clap_score import clap_scores
+
+    matched = clap_scores(tiny_clap, tones(), AUDIO_RATE, TONE_CAPTIONS)
+    for shift in (1, 2, 3):
+        shuffled = clap_scores(tiny_clap, tones(), AUDIO_RATE, np.roll(TONE_CAPTIONS, shift).tolist())
+        assert (matched > shuffled).all(), (shift, matched, shuffled)
+
+
+def test_clap_score_equals_the_cosine_of_transformers_clap_forward(tiny_clap, clap_dir):
+    """Short clips, rand_trunc: transformers' own processor + ClapModel.forward give the embeddings."""
+    from transformers import ClapModel, ClapProcessor
+
+    from harness.metrics.clap_score import clap_scores, resample
+
+    clips, captions = noise_clips(6, 0.5, seed=1), (TONE_CAPTIONS + ["x", "a dog barking twice"])
+    model, processor = ClapModel.from_pretrained(clap_dir).eval(), ClapProcessor.from_pretrained(clap_dir)
+    audio = processor.feature_extractor(list(resample(clips.astype(np.float64), AUDIO_RATE, CLAP_RATE)),
+                                        sampling_rate=CLAP_RATE, return_tensors="pt")
+    text = processor.tokenizer(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**text, input_features=audio["input_features"].float(), is_longer=audio["is_longer"])
+    expected = torch.nn.functional.cosine_similarity(out.audio_embeds.double(), out.text_embeds.double()).numpy()
+    np.testing.assert_allclose(clap_scores(tiny_clap, clips, AUDIO_RATE, captions), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_clap_score_bounds_determinism_batch_size_and_joint_permutation(tiny_clap):
+    from harness.metrics.clap_score import clap_scores
+
+    # 1.5 s clips: longer than the 1 s window, so the extractor crops them at random
+    clips, captions = noise_clips(7, 1.5, seed=2), (TONE_CAPTIONS * 2)[:7]
+    np.random.seed(123)
+    scores = clap_scores(tiny_clap, clips, AUDIO_RATE, captions, batch_size=3)
+    state = np.random.get_state()
+    assert ((scores >= -1) & (scores <= 1)).all()
+    np.random.seed(7)  # the caller's RNG does not pick the crops ...
+    np.testing.assert_array_equal(clap_scores(tiny_clap, clips, AUDIO_RATE, captions, batch_size=3), scores)
+    np.random.set_state(state)
+    clap_scores(tiny_clap, clips[:1], AUDIO_RATE, captions[:1])
+    assert np.random.get_state()[1].tolist() == state[1].tolist()  # ... and is left as it was
+    np.testing.assert_allclose(clap_scores(tiny_clap, clips, AUDIO_RATE, captions, batch_size=1), scores, atol=1e-5)
+    np.testing.assert_allclose(clap_scores(tiny_clap, clips[:, None], AUDIO_RATE, captions), scores, atol=1e-5)
+    perm = np.random.default_rng(0).permutation(7)
+    permuted = clap_scores(tiny_clap, clips[perm], AUDIO_RATE, [captions[i] for i in perm], batch_size=3)
+    np.testing.assert_allclose(permuted, scores[perm], atol=1e-5)
+
+
+def test_resampling_keeps_a_tone():
+    from harness.metrics.clap_score import resample
+
+    t_in, t_out = np.arange(16000) / 16000, np.arange(8000) / 8000
+    out = resample(np.sin(2 * np.pi * 440 * t_in)[None], 16000, 8000)
+    assert out.shape == (1, 8000)
+    interior = slice(200, -200)  # the filter's edges see zero padding
+    np.testing.assert_allclose(out[0, interior], np.sin(2 * np.pi * 440 * t_out)[interior], atol=1e-2)
+    same = np.ones((2, 5))
+    assert resample(same, 8000, 8000) is same
+
+
+def test_clap_bad_audio_and_missing_weights_are_one_line(tmp_path, monkeypatch, tiny_clap):
+    import huggingface_hub.constants
+
+    from harness.metrics.clap_score import clap_scores, load_clap
+
+    with pytest.raises(StepbenchError, match=r"mono audio samples \[S, T\] or \[S, 1, T\]; got \[2, 2, 100\]"):
+        clap_scores(tiny_clap, np.zeros((2, 2, 100)), AUDIO_RATE, ["a", "b"])
+    with pytest.raises(StepbenchError, match=f"CLAP {tmp_path}/nope: weights not found; looked in the directory"):
+        load_clap(str(tmp_path / "nope"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network attempt in a test
+    with pytest.raises(StepbenchError) as err:
+        load_clap("laion/clap-htsat-unfused", cache_dir=str(tmp_path))
+    message = str(err.value)
+    assert "\n" not in message and "CLAP laion/clap-htsat-unfused" in message and str(tmp_path) in message
+
+
+def test_clap_score_metric_end_to_end(tmp_path, clap_dir):
+    spec = {"adapter": "some_text_to_audio", "process": {"kind": "vp_discrete"}, "metrics": ["clap_score"],
+            "prompts": TONE_CAPTIONS, "sample_rate": AUDIO_RATE, "clap": {"model": str(clap_dir), "batch_size": 4}}
+    validate({"tiny": spec}, "models", "models.yaml")
+    samples = np.concatenate([tones()] * 2)[:, None]  # [S, 1, T]; sample i plays the tone of prompt i mod 4
+    out = evaluate_cell(write_cell(tmp_path / "cell", "tiny", samples), spec, {}, ["clap_score"], tmp_path / "cache")
+    low, high = out["ci"]["clap_score"]
+    assert -1 <= low <= out["clap_score"] <= high <= 1
+    provenance = out["provenance"]["clap_score"]
+    assert provenance["num_samples"] == 8 and provenance["resampled"] and provenance["clap_sampling_rate"] == CLAP_RATE
+    assert len(provenance["weights_sha256"]) == 64
+    shuffled = evaluate_cell(tmp_path / "cell", {**spec, "prompts": TONE_CAPTIONS[1:] + TONE_CAPTIONS[:1]}, {},
+                             ["clap_score"], tmp_path / "cache")
+    assert shuffled["clap_score"] < low
+    with pytest.raises(ConfigError, match="'tiny.sample_rate' missing"):
+        evaluate_cell(tmp_path / "cell", {k: v for k, v in spec.items() if k != "sample_rate"}, {}, ["clap_score"],
+                      tmp_path / "cache")
