@@ -10,4 +10,10 @@ class ConfigError(StepbenchError):
 
 
 class UnsupportedNFE(StepbenchError):
-    """A method cannot meet the requested NFE budget exactly."""
+    """A method cannot meet the requested NFE budget exactly.
+
+    `reason` is the short form shown in the leaderboard's n/a cells."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message

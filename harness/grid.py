@@ -47,5 +47,5 @@ def expand_grid(grid: dict, models: dict | None = None, methods: dict | None = N
                     sampler.check_nfe(nfe)
                     cells.append(GridCell(model_id, method_id, nfe, True))
                 except UnsupportedNFE as err:
-                    cells.append(GridCell(model_id, method_id, nfe, False, str(err)))
+                    cells.append(GridCell(model_id, method_id, nfe, False, err.reason))
     return cells

@@ -141,7 +141,7 @@ def test_results_csv_has_one_row_per_cell_and_metric(workspace):
     assert euler5.config_hash == "hash-euler-5" and euler5.cell_dir == "cells/gmm2d/euler/nfe5"
     assert rows["heun", 5, "exact_err"].nfe_measured == 6.0
     unsupported = rows["heun", 4, None]
-    assert unsupported.status == "unsupported" and "NFE=4 cannot be met" in unsupported.reason
+    assert unsupported.status == "unsupported" and unsupported.reason == "NFE = 2*steps-1; nearest 3, 5"
     assert rows["dpmpp_2m", 4, None].status == "missing"
     diverged = rows["dpmpp_2m", 5, "exact_err"]
     assert diverged.status == "diverged" and pd.isna(diverged.value)
@@ -155,7 +155,7 @@ def test_page_tables_show_status_and_highlight_best(workspace):
     assert set(page.tables) == {("gmm2d", m) for m in
                                 ("exact_err", "mse_ref", "wall_s_per_sample", "peak_mem_mb", "score")}
     exact = page.tables["gmm2d", "exact_err"]
-    assert exact["heun", 4][1].startswith("n/a (") and "NFE=4 cannot be met" in exact["heun", 4][1]
+    assert exact["heun", 4][1].startswith("n/a (") and exact["heun", 4][1] == "n/a (NFE = 2*steps-1; nearest 3, 5)"
     assert exact["dpmpp_2m", 4] == ({"missing"}, "missing")
     assert exact["dpmpp_2m", 5] == ({"diverged"}, "diverged")
     assert exact["euler", 5][1] == "0.3 ± 0.02"

@@ -41,7 +41,8 @@ class NFERule:
         above = [v for v in valid if v > nfe]
         nearest = ", ".join(str(v) for v in (below[-1:] + above[:1]))
         raise UnsupportedNFE(
-            f"{name} spends {self.describe()} network evaluations, so NFE={nfe} cannot be met; nearest: {nearest}"
+            f"{name} spends {self.describe()} network evaluations, so NFE={nfe} cannot be met; nearest: {nearest}",
+            reason=f"NFE = {self.describe()}; nearest {nearest}",
         )
 
     def describe(self) -> str:
