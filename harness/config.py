@@ -70,6 +70,8 @@ def load_methods(path: str | Path = "methods.yaml") -> dict[str, dict]:
     validate(data, "methods", path)
     for method_id, spec in data.items():
         _check_choice(path, f"{method_id}.family", spec["family"], FAMILIES.names())
+        if "baseline" in spec:
+            _check_choice(path, f"{method_id}.baseline", spec["baseline"], list(data))
         if spec["family"] == "solver":
             from harness.methods.family_solver import SOLVERS
 

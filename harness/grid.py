@@ -30,22 +30,27 @@ def load_grid(path: str | Path) -> dict:
 
 
 def expand_grid(grid: dict, models: dict | None = None, methods: dict | None = None) -> list[GridCell]:
-    """All cells of the grid; models/methods default to the files the grid names."""
+    """All cells of the grid (its main product, then each block's), each once, in order;
+    models/methods default to the files the grid names."""
     from harness.methods import make_sampler
 
     models_file = grid.get("models_file", "models.yaml")
     methods_file = grid.get("methods_file", "methods.yaml")
     models = models if models is not None else load_models(models_file)
     methods = methods if methods is not None else load_methods(methods_file)
-    cells = []
-    for model_id in grid["models"]:
-        lookup(models, model_id, models_file, "model")
-        for method_id in grid["methods"]:
-            sampler = make_sampler(lookup(methods, method_id, methods_file, "method"))
-            for nfe in grid["nfe"]:
-                try:
-                    sampler.check_nfe(nfe)
-                    cells.append(GridCell(model_id, method_id, nfe, True))
-                except UnsupportedNFE as err:
-                    cells.append(GridCell(model_id, method_id, nfe, False, err.reason))
-    return cells
+    cells: dict[tuple[str, str, int], GridCell] = {}
+    for block in [grid, *grid.get("blocks", [])]:
+        for model_id in block.get("models", grid["models"]):
+            lookup(models, model_id, models_file, "model")
+            for method_id in block["methods"]:
+                sampler = make_sampler(lookup(methods, method_id, methods_file, "method"))
+                for nfe in block["nfe"]:
+                    if (model_id, method_id, nfe) in cells:
+                        continue
+                    try:
+                        sampler.check_nfe(nfe)
+                        cell = GridCell(model_id, method_id, nfe, True)
+                    except UnsupportedNFE as err:
+                        cell = GridCell(model_id, method_id, nfe, False, err.reason)
+                    cells[(model_id, method_id, nfe)] = cell
+    return list(cells.values())

@@ -16,7 +16,7 @@ from harness.methods import make_sampler
 
 # metric -> reference solution kind it reads
 REFERENCE_KIND = {"exact_err": "exact", "mse_ref": "solver"}
-FIDELITY_METRICS = {"fid", "kid", "is", "prc"}
+FIDELITY_METRICS = {"fid", "kid", "is", "prc", "precision", "recall"}
 
 
 @dataclass
@@ -60,13 +60,14 @@ def plan(config: dict) -> Plan:
     cache_dir = results_dir / "cache"
     seed = config["seed"]
     cells = [c for c in expand_grid(config, models, methods) if c.supported]
+    model_ids = list(dict.fromkeys(c.model for c in cells))
     result = Plan(
         results_dir=results_dir,
         cache_dir=cache_dir,
         config_file_args=f"--models-file {config['models_file']} --methods-file {config['methods_file']}",
         seed=seed,
         cells=cells,
-        num_samples={m: config.get("num_samples") or models[m].get("num_samples", 1000) for m in config["models"]},
+        num_samples={m: config.get("num_samples") or models[m].get("num_samples", 1000) for m in model_ids},
     )
     for cell in cells:
         sampler = make_sampler(methods[cell.method])
@@ -74,7 +75,7 @@ def plan(config: dict) -> Plan:
                                       sampler.prepare_scope, cell.nfe)
         if path is not None:
             result.prepared[(cell.model, cell.method, cell.nfe)] = path
-    for model_id in config["models"]:
+    for model_id in model_ids:
         spec = models[model_id]
         needs: list[Path] = []
         for metric in spec["metrics"]:
@@ -85,13 +86,30 @@ def plan(config: dict) -> Plan:
                 result.references[(model_id, kind)] = path
                 needs.append(path)
             elif metric in FIDELITY_METRICS:
-                from harness.metrics.features import weights_path
-                from harness.metrics.fidelity import reference_statistics_path
-
-                extractor, dataset = spec["feature_extractor"], spec["dataset"]
-                result.extractors[extractor] = weights_path(cache_dir, extractor)
-                stats = reference_statistics_path(cache_dir, dataset, extractor)
-                result.refstats[(dataset, extractor)] = stats
-                needs += [result.extractors[extractor], stats]
+                needs += _fidelity_inputs(result, cache_dir, model_id, spec)
         result.eval_inputs[model_id] = sorted(set(needs))
     return result
+
+
+def _fidelity_inputs(result: Plan, cache_dir: Path, model_id: str, spec: dict) -> list[Path]:
+    """Cached files a model's fidelity metrics read. Embedded extractors and datasets get their own jobs
+    (stepbench extractor / refstats); a library's or configured weights file is a plain input (Snakemake
+    says it is missing; nothing downloads it), and statistics of other reference data are built and
+    cached by the first evaluate that needs them (their key is checked inside the file either way)."""
+    from harness.metrics.fidelity import fidelity_setup, planned_weights, reference_statistics_path
+
+    setup = fidelity_setup(spec, model_id)
+    weights = planned_weights(setup, cache_dir)
+    embedded = setup.backend == "torch-fidelity" and setup.weights_config is None
+    if not embedded:
+        return [weights]
+    from harness.metrics.features import get_extractor
+
+    if get_extractor(setup.extractor).build is None:  # torch-fidelity's own extractor, its cached download
+        return [weights]
+    result.extractors[setup.extractor] = weights
+    if setup.source.kind != "embedded":
+        return [weights]
+    stats = reference_statistics_path(cache_dir, setup)
+    result.refstats[(setup.source.name, setup.extractor)] = stats
+    return [weights, stats]

@@ -7,6 +7,7 @@ from html import escape
 
 import pandas as pd
 
+from harness.report.baselines import FEW_NFE, MATCH_TOLERANCE, compare_to_baselines
 from harness.report.collect import Collected
 from harness.report.layout import ModelLayout, direction_label, higher_is_better
 
@@ -22,6 +23,7 @@ th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; }
 table.kv th { text-align: left; background: #f5f5f5; vertical-align: top; }
 table.board td { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 table.board th.method { text-align: left; white-space: nowrap; }
+table.baselines td { text-align: left; white-space: normal; }
 table.board th.method .family { font-weight: normal; color: #888; font-size: 0.85em; }
 table.board thead th { background: #f5f5f5; }
 td.best { background: #d9f2d9; font-weight: bold; }
@@ -100,9 +102,28 @@ def _model_section(rows: pd.DataFrame, layout: ModelLayout, plots: dict, models:
         plot = plots.get((model, metric))
         image = (f'<img src="plots/{escape(plot)}" alt="{escape(f"{model}: {metric} vs NFE")}">' if plot else "")
         parts.append(f'<div class="metric">\n{table}\n{image}\n</div>')
+    parts.append(_baseline_section(rows, layout, methods))
     parts.append(_metric_provenance(model, layout.metrics, metric_provenance))
     parts.append("</section>")
     return "\n".join(part for part in parts if part)
+
+
+def _baseline_section(rows: pd.DataFrame, layout: ModelLayout, methods: dict) -> str:
+    comparisons = compare_to_baselines(rows, layout.metrics, methods)
+    if not comparisons:
+        return ""
+    body = []
+    for c in comparisons:
+        points = "; ".join(f"NFE {nfe}: {value:.4g} vs {base:.4g}" for nfe, value, base in c.points) or "—"
+        css = ' class="best"' if c.wins else ""
+        body.append(f"<tr><th class=\"method\">{escape(c.method)}</th><td>{escape(c.baseline)}</td>"
+                    f"<td>{escape(points)}</td><td{css}>{escape(c.verdict)}</td></tr>")
+    metric = comparisons[0].metric
+    return (f'<h3>Versus baselines <span class="direction">{escape(metric)} at NFE '
+            f"{FEW_NFE.start}-{FEW_NFE.stop - 1}, {escape(direction_label(metric))}; within "
+            f"{MATCH_TOLERANCE:.0%} counts as matching</span></h3>\n"
+            '<table class="board baselines"><thead><tr><th>method</th><th>baseline</th><th>method vs baseline</th>'
+            "<th>verdict</th></tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody></table>")
 
 
 def _metric_table(values: pd.DataFrame, cells: pd.DataFrame, audit: pd.DataFrame, layout: ModelLayout, metric: str,
