@@ -228,13 +228,21 @@ def time_quadratic(process: NoiseProcess, n: int) -> np.ndarray:
     return process.sigma(t_lo + (t_hi - t_lo) * ramp**2)
 
 
-def explicit(process: NoiseProcess, n: int, sigmas=None, timesteps=None) -> np.ndarray:
-    """A given list (e.g. Align-Your-Steps), as sigma~ or as native timesteps; length must be n."""
+def explicit(process: NoiseProcess, n: int, sigmas=None, timesteps=None, interpolate: bool = False) -> np.ndarray:
+    """A given list (e.g. Align-Your-Steps), as sigma~ or as native timesteps.
+
+    Its length must be n, unless `interpolate`: then log sigma~ is resampled linearly over the list's
+    index to n points, as Align-Your-Steps does to reuse an optimised schedule at other step counts.
+    """
     if (sigmas is None) == (timesteps is None):
         raise ConfigError("explicit schedule: give exactly one of 'sigmas' or 'timesteps'")
     values = np.asarray(sigmas if sigmas is not None else process.sigma(np.asarray(timesteps, float)), float)
+    if interpolate and len(values) >= 2:
+        ramp = np.linspace(0.0, 1.0, len(values))
+        return np.exp(np.interp(np.linspace(0.0, 1.0, n), ramp, np.log(values)))
     if len(values) != n:
-        raise ConfigError(f"explicit schedule has {len(values)} points; this cell needs {n}")
+        raise ConfigError(f"explicit schedule has {len(values)} points; this cell needs {n} "
+                          f"(or set interpolate: true)")
     return values
 
 

@@ -85,6 +85,13 @@ def test_explicit_schedule_in_timesteps():
     np.testing.assert_allclose(grid[:-1], process.sigmas[[999, 500, 0]], rtol=1e-12)
 
 
+def test_explicit_schedule_interpolates_log_linearly_like_align_your_steps():
+    given = [80.0, 10.0, 1.0, 0.1]
+    grid = sigma_grid(EDM(), 7, {"kind": "explicit", "sigmas": given, "interpolate": True})[:-1]
+    np.testing.assert_allclose(grid[::2], given, rtol=1e-12)  # the given points stay
+    np.testing.assert_allclose(grid[1], np.sqrt(80.0 * 10.0), rtol=1e-12)  # geometric midpoints between them
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
