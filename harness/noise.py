@@ -27,8 +27,12 @@ class SampleNoise:
     def randn(self, shape: tuple[int, ...], dtype=torch.float64) -> torch.Tensor:
         """[len(indices), *shape] standard normal; drawn in float32 on CPU so every device and compute
         dtype sees the same numbers."""
-        draws = [torch.randn(shape, generator=g, dtype=torch.float32) for g in self.generators]
-        return torch.stack(draws).to(device=self.device, dtype=dtype)
+        draws = torch.empty((len(self.generators), *shape), dtype=torch.float32)
+        # each row filled in place by its own generator: the same numbers as torch.randn(shape,
+        # generator=g), without a tensor per sample and a stack to copy them together
+        for row, g in zip(draws, self.generators):
+            row.normal_(generator=g)
+        return draws.to(device=self.device, dtype=dtype)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return self.randn(tuple(x.shape[1:]), dtype=x.dtype)

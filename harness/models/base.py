@@ -39,9 +39,13 @@ class Denoiser(ABC):
         """x: [B, *data_shape] scaled noisy input; sigma: [B] scaled noise levels; returns x0_hat."""
 
     def __call__(self, x: torch.Tensor, sigma, cond: Any = None) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
+        if isinstance(sigma, (int, float)):
+            # solvers pass Python floats: one filled tensor instead of as_tensor + expand
+            sigma = x.new_full((x.shape[0],), sigma)
+        else:
+            sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+            if sigma.ndim == 0:
+                sigma = sigma.expand(x.shape[0])
         return self.denoise(x, sigma, cond)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
