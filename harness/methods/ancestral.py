@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from harness.methods.solver_base import solver
 
 
@@ -24,5 +26,6 @@ def euler_ancestral(model, x, sigmas, noise=None, eta=1.0):
             return denoised
         sigma_up = min(s_next, eta * s_next * math.sqrt(1 - (s_next / s) ** 2))
         sigma_down = math.sqrt(s_next**2 - sigma_up**2)
-        x = denoised + (sigma_down / s) * (x - denoised) + sigma_up * noise.randn_like(x)
+        # D + (sigma_down / s) (x - D) as one lerp, then the noise added in place (fused multiply-add)
+        x = torch.lerp(denoised, x, sigma_down / s).add_(noise.randn_like(x), alpha=sigma_up)
     return x

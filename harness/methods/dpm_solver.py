@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from harness.methods.solver_base import NFERule, solver
+from harness.methods.solvers import combine
 
 
 def _eps(model, x, sigma):
@@ -99,19 +102,28 @@ def dpmpp_3m(model, x, sigmas, noise=None):
             return denoised
         h = math.log(s / s_next)
         phi_1 = math.expm1(-h)  # e^-h - 1
-        x_next = (s_next / s) * x - phi_1 * denoised
+        # x_next = (s_next / s) x - phi_1 D + k_new slope_new + k_old slope_old, with the slopes
+        # slope_new = (D - d1) / r0 and slope_old = (d1 - d2) / r1 of the latest data predictions d1, d2;
+        # the float weights are folded onto each tensor so that the update is one fused combination
+        w_denoised, older = -phi_1, []
         if len(history) == 1:
-            r0 = history[-1][1] / h
-            x_next = x_next - 0.5 * phi_1 * (denoised - history[-1][0]) / r0
+            (d1, h_0), = history
+            r0 = h_0 / h
+            k_new = -0.5 * phi_1
+            w_denoised += k_new / r0
+            older = [(-k_new / r0, d1)]
         elif len(history) >= 2:
-            (d2, h_1), (d1, h_0) = history[-2], history[-1]
+            (d2, h_1), (d1, h_0) = history
             r0, r1 = h_0 / h, h_1 / h
-            slope_new, slope_old = (denoised - d1) / r0, (d1 - d2) / r1
-            first = slope_new + r0 / (r0 + r1) * (slope_new - slope_old)
-            second = (slope_new - slope_old) / (r0 + r1)
-            x_next = x_next + (phi_1 / h + 1) * first - ((phi_1 + h) / h**2 - 0.5) * second
+            # first = slope_new + r0 / (r0 + r1) (slope_new - slope_old), second = (slope_new - slope_old) / (r0 + r1),
+            # and x_next += (phi_1 / h + 1) first - ((phi_1 + h) / h^2 - 0.5) second
+            c_first, c_second = phi_1 / h + 1, (phi_1 + h) / h**2 - 0.5
+            k_new = c_first * (1 + r0 / (r0 + r1)) - c_second / (r0 + r1)
+            k_old = -c_first * r0 / (r0 + r1) + c_second / (r0 + r1)
+            w_denoised += k_new / r0
+            older = [(k_old / r1 - k_new / r0, d1), (-k_old / r1, d2)]
+        x = combine([(s_next / s, x), (w_denoised, denoised)] + older)
         history = (history + [(denoised, h)])[-2:]
-        x = x_next
     return x
 
 
@@ -129,7 +141,11 @@ def sde_dpmpp_2m(model, x, sigmas, noise=None):
             return denoised
         h = math.log(s / s_next)
         decay = -math.expm1(-2 * h)  # 1 - e^-2h
-        d = denoised if old_denoised is None else denoised + 0.5 * (denoised - old_denoised) * h / h_last
-        x = (s_next / s) * math.exp(-h) * x + decay * d + s_next * math.sqrt(decay) * noise.randn_like(x)
+        # d = D + (h / 2 h_last) (D - D_old) as one lerp
+        d = denoised if old_denoised is None else torch.lerp(denoised, old_denoised, -0.5 * h / h_last)
+        # (s_next / s) e^-h x + (1 - e^-2h) d is a lerp, since s_next / s = e^-h; then the noise added
+        # in place (fused multiply-add)
+        x = torch.lerp(d, x, (s_next / s) * math.exp(-h))
+        x.add_(noise.randn_like(x), alpha=s_next * math.sqrt(decay))
         old_denoised, h_last = denoised, h
     return x

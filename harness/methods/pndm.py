@@ -6,7 +6,10 @@ diffusers; the last step to sigma~ = 0 is a transfer like the others.
 
 from __future__ import annotations
 
+import torch
+
 from harness.methods.solver_base import NFERule, solver
+from harness.methods.solvers import combine
 
 # Adams-Bashforth weights for 1..4 past values, newest first
 ADAMS_BASHFORTH = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
@@ -14,16 +17,22 @@ PRK_STEPS = 3  # PNDM's pseudo Runge-Kutta warm-up: 3 steps of 4 evaluations
 
 
 def _eps(model, x, sigma):
-    return (x - model(x, sigma)) / sigma
+    # (x - D) / sigma, divided in place on the fresh difference
+    return torch.sub(x, model(x, sigma)).div_(sigma)
 
 
 def _transfer(x, eps, s, s_next):
-    return x - (s - s_next) * eps
+    return torch.add(x, eps, alpha=s_next - s)  # x - (s - s_next) eps, one fused kernel
 
 
-def _adams_bashforth(history):
-    """Combination of the noise predictions in `history` (newest first, at most 4)."""
-    return sum(w * e for w, e in zip(ADAMS_BASHFORTH[len(history) - 1], history))
+def _transfer_combination(x, weights, eps_list, s, s_next):
+    """The transfer along sum(w * eps): the weights folded onto each eps, so one fused combination."""
+    return combine([(1.0, x)] + [((s_next - s) * w, eps) for w, eps in zip(weights, eps_list)])
+
+
+def _adams_bashforth(x, history, s, s_next):
+    """The transfer along the Adams-Bashforth combination of `history` (newest first, at most 4)."""
+    return _transfer_combination(x, ADAMS_BASHFORTH[len(history) - 1], history, s, s_next)
 
 
 @solver("pndm", order=2, nfe=NFERule(per_step=1, saved_at_end=-9, min_steps=PRK_STEPS + 1))
@@ -40,9 +49,9 @@ def pndm(model, x, sigmas, noise=None):
             k2 = _eps(model, _transfer(x, eps, s, s_mid), s_mid)
             k3 = _eps(model, _transfer(x, k2, s, s_mid), s_mid)
             k4 = _eps(model, _transfer(x, k3, s, s_next), s_next)
-            x = _transfer(x, (eps + 2 * k2 + 2 * k3 + k4) / 6, s, s_next)
+            x = _transfer_combination(x, (1 / 6, 2 / 6, 2 / 6, 1 / 6), (eps, k2, k3, k4), s, s_next)
         else:
-            x = _transfer(x, _adams_bashforth(history), s, s_next)
+            x = _adams_bashforth(x, history, s, s_next)
     return x
 
 
@@ -56,9 +65,10 @@ def plms(model, x, sigmas, noise=None):
         history = [eps] + history[:3]
         if i == 0:
             eps_end = _eps(model, _transfer(x, eps, s, s_next), s_next)
-            x = _transfer(x, (eps + eps_end) / 2, s, s_next)  # eps_end is not kept in the history
+            # eps_end is not kept in the history
+            x = _transfer_combination(x, (1 / 2, 1 / 2), (eps, eps_end), s, s_next)
         else:
-            x = _transfer(x, _adams_bashforth(history), s, s_next)
+            x = _adams_bashforth(x, history, s, s_next)
     return x
 
 
@@ -69,5 +79,5 @@ def ipndm(model, x, sigmas, noise=None):
     history = []
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         history = [_eps(model, x, s)] + history[:3]
-        x = _transfer(x, _adams_bashforth(history), s, s_next)
+        x = _adams_bashforth(x, history, s, s_next)
     return x

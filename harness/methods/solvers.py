@@ -8,6 +8,22 @@ import torch
 
 from harness.methods.solver_base import NFERule, solver
 
+# ---- shared by the solver zoo ----
+
+
+def combine(terms):
+    """sum(c * t for c, t in terms) for float weights c (two terms or more), into one new tensor.
+
+    Per term one fused multiply-add kernel (add_ with alpha) instead of a multiply, an add and a
+    temporary each; solvers fold their update into one weight per tensor to use it.
+    """
+    (c0, t0), (c1, t1), *rest = terms
+    out = torch.add(t0, t1, alpha=c1) if c0 == 1 else torch.mul(t0, c0).add_(t1, alpha=c1)
+    for c, t in rest:
+        out.add_(t, alpha=c)
+    return out
+
+
 # ---- the solvers ----
 
 
@@ -24,13 +40,16 @@ def euler(model, x, sigmas, noise=None):
 def heun(model, x, sigmas, noise=None):
     """EDM's deterministic 2nd-order Heun (Karras et al. 2022, Alg. 1, S_churn = 0)."""
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - model(x, s)) / s
-        x_euler = x + (s_next - s) * d
+        # the Euler step x + (s_next - s) d with d = (x - D) / s, fused into one lerp as in euler
+        x_euler = torch.lerp(model(x, s), x, s_next / s)
         if s_next == 0:
             x = x_euler
         else:
-            d_next = (x_euler - model(x_euler, s_next)) / s_next
-            x = x + (s_next - s) * 0.5 * (d + d_next)
+            # x + (s_next - s) (d + d_next) / 2 = the mean of x and x_euler plus half a step along
+            # d_next = (x_euler - D') / s_next: three kernels, no temporaries
+            half = (s_next - s) / (2 * s_next)
+            denoised_next = model(x_euler, s_next)
+            x = torch.lerp(x, x_euler, 0.5).add_(x_euler, alpha=half).sub_(denoised_next, alpha=half)
     return x
 
 

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from harness.methods.solver_base import solver
+from harness.methods.solvers import combine
 
 VARIANTS = ("bh1", "bh2")
 
@@ -32,14 +33,9 @@ def _linear_system(rks: list[float], h: float, variant: str):
     return h_phi_1, b_h, rows, np.asarray(b)
 
 
-def _differences(outputs, lambdas, base, order, h):
-    """Divided differences (m_i - m_base) / r_i of the order - 1 outputs before `base`, and their r_i."""
-    rks, diffs = [], []
-    for i in range(1, order):
-        r = (lambdas[base - i] - lambdas[base]) / h
-        rks.append(r)
-        diffs.append((outputs[base - i] - outputs[base]) / r)
-    return rks, diffs
+def _ratios(lambdas, base, order, h):
+    """r_k = (lambda_{base-k} - lambda_base) / h for the order - 1 outputs before `base`, k = 1, 2, ..."""
+    return [(lambdas[base - k] - lambdas[base]) / h for k in range(1, order)]
 
 
 def _predict(x, outputs, lambdas, sigmas, i, order, variant):
@@ -48,25 +44,37 @@ def _predict(x, outputs, lambdas, sigmas, i, order, variant):
     if s_next == 0:  # order is 1 here: the exact limit of the update
         return outputs[i]
     h = math.log(s / s_next)
-    rks, diffs = _differences(outputs, lambdas, i, order, h)
+    rks = _ratios(lambdas, i, order, h)
     h_phi_1, b_h, rows, b = _linear_system(rks + [1.0], h, variant)
-    x_next = (s_next / s) * x - h_phi_1 * outputs[i]
+    # x_next = (s_next / s) x - h_phi_1 m_i - b_h sum_k rho_k (m_{i-k} - m_i) / r_k, with the float weights
+    # folded onto each tensor so that the update is one fused combination
+    w_now, older = -h_phi_1, []
     if order >= 2:
         # diffusers (and the UniPC reference code) fix rho = 1/2 for order 2
         rhos = [0.5] if order == 2 else np.linalg.solve(rows[:-1, :-1], b[:-1])
-        x_next = x_next - b_h * sum(rho * d for rho, d in zip(rhos, diffs))
-    return x_next
+        for k, (rho, r) in enumerate(zip(rhos, rks), start=1):
+            w = float(b_h * rho / r)
+            w_now += w
+            older.append((-w, outputs[i - k]))
+    return combine([(s_next / s, x), (w_now, outputs[i])] + older)
 
 
 def _correct(x_last, model_now, outputs, lambdas, sigmas, i, order, variant):
     """UniC-order: redo the step sigma_{i-1} -> sigma_i with the new evaluation `model_now` at sigma_i."""
     s, s_now = sigmas[i - 1], sigmas[i]
     h = math.log(s / s_now)
-    rks, diffs = _differences(outputs, lambdas, i - 1, order, h)
+    rks = _ratios(lambdas, i - 1, order, h)
     h_phi_1, b_h, rows, b = _linear_system(rks + [1.0], h, variant)
     rhos = [0.5] if order == 1 else np.linalg.solve(rows, b)
-    residual = sum(rho * d for rho, d in zip(rhos[:-1], diffs)) + rhos[-1] * (model_now - outputs[i - 1])
-    return (s_now / s) * x_last - h_phi_1 * outputs[i - 1] - b_h * residual
+    # (s_now / s) x_last - h_phi_1 m_{i-1} - b_h [sum_k rho_k (m_{i-1-k} - m_{i-1}) / r_k
+    #  + rho_last (model_now - m_{i-1})], with one float weight per tensor as in _predict
+    w_last = float(b_h * rhos[-1])
+    w_base, older = -h_phi_1 + w_last, []
+    for k, (rho, r) in enumerate(zip(rhos[:-1], rks), start=1):
+        w = float(b_h * rho / r)
+        w_base += w
+        older.append((-w, outputs[i - 1 - k]))
+    return combine([(s_now / s, x_last), (w_base, outputs[i - 1]), (-w_last, model_now)] + older)
 
 
 @solver("unipc", order=3)
