@@ -71,8 +71,10 @@ def dpmpp_2s(model, x, sigmas, noise=None):
             return denoised
         h = math.log(s / s_next)
         s_mid = s * math.exp(-r * h)
-        denoised_mid = model((s_mid / s) * x - math.expm1(-r * h) * denoised, s_mid)
-        x = (s_next / s) * x - math.expm1(-h) * (denoised + (denoised_mid - denoised) / (2 * r))
+        # (s_mid / s) x - expm1(-r h) D is a lerp, since -expm1(-r h) = 1 - s_mid / s (likewise below)
+        denoised_mid = model(torch.lerp(denoised, x, s_mid / s), s_mid)
+        d = torch.lerp(denoised, denoised_mid, 1 / (2 * r))  # D + (D_mid - D) / 2r
+        x = torch.lerp(d, x, s_next / s)
     return x
 
 
@@ -86,9 +88,12 @@ def dpmpp_3s(model, x, sigmas, noise=None):
             return d0
         h = math.log(s / s_next)
         s1, s2 = s * math.exp(-r1 * h), s * math.exp(-r2 * h)
-        d1 = model((s1 / s) * x - math.expm1(-r1 * h) * d0, s1)
-        d2 = model((s2 / s) * x - math.expm1(-r2 * h) * (d0 + (d1 - d0) * r2 / (2 * r1)), s2)
-        x = (s_next / s) * x - math.expm1(-h) * d0 + (math.expm1(-h) / h + 1) * (d2 - d0) / r2
+        # (s1 / s) x - expm1(-r1 h) D is a lerp, since -expm1(-r1 h) = 1 - s1 / s (likewise below)
+        d1 = model(torch.lerp(d0, x, s1 / s), s1)
+        d2 = model(torch.lerp(torch.lerp(d0, d1, r2 / (2 * r1)), x, s2 / s), s2)
+        # (s_next / s) x - expm1(-h) d0 + k (d2 - d0), with one weight per tensor: one fused combination
+        k = (math.expm1(-h) / h + 1) / r2
+        x = combine([(s_next / s, x), (-math.expm1(-h) - k, d0), (k, d2)])
     return x
 
 

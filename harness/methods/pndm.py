@@ -17,22 +17,19 @@ PRK_STEPS = 3  # PNDM's pseudo Runge-Kutta warm-up: 3 steps of 4 evaluations
 
 
 def _eps(model, x, sigma):
-    # (x - D) / sigma, divided in place on the fresh difference
-    return torch.sub(x, model(x, sigma)).div_(sigma)
+    """The noise prediction eps = (x - D) / sigma as the pair (x - D, sigma): one kernel, the 1/sigma is
+    left to the float weights of the transfer."""
+    return torch.sub(x, model(x, sigma)), sigma
 
 
-def _transfer(x, eps, s, s_next):
-    return torch.add(x, eps, alpha=s_next - s)  # x - (s - s_next) eps, one fused kernel
-
-
-def _transfer_combination(x, weights, eps_list, s, s_next):
-    """The transfer along sum(w * eps): the weights folded onto each eps, so one fused combination."""
-    return combine([(1.0, x)] + [((s_next - s) * w, eps) for w, eps in zip(weights, eps_list)])
+def _transfer(x, weighted_eps, s, s_next):
+    """x~ - (s - s_next) * sum(w * eps) over (w, eps) pairs, as one fused combination."""
+    return combine([(1.0, x)] + [((s_next - s) * w / sigma, diff) for w, (diff, sigma) in weighted_eps])
 
 
 def _adams_bashforth(x, history, s, s_next):
     """The transfer along the Adams-Bashforth combination of `history` (newest first, at most 4)."""
-    return _transfer_combination(x, ADAMS_BASHFORTH[len(history) - 1], history, s, s_next)
+    return _transfer(x, zip(ADAMS_BASHFORTH[len(history) - 1], history), s, s_next)
 
 
 @solver("pndm", order=2, nfe=NFERule(per_step=1, saved_at_end=-9, min_steps=PRK_STEPS + 1))
@@ -46,10 +43,10 @@ def pndm(model, x, sigmas, noise=None):
         history = [eps] + history[:3]
         if i < PRK_STEPS:
             s_mid = (s * s_next) ** 0.5
-            k2 = _eps(model, _transfer(x, eps, s, s_mid), s_mid)
-            k3 = _eps(model, _transfer(x, k2, s, s_mid), s_mid)
-            k4 = _eps(model, _transfer(x, k3, s, s_next), s_next)
-            x = _transfer_combination(x, (1 / 6, 2 / 6, 2 / 6, 1 / 6), (eps, k2, k3, k4), s, s_next)
+            k2 = _eps(model, _transfer(x, [(1.0, eps)], s, s_mid), s_mid)
+            k3 = _eps(model, _transfer(x, [(1.0, k2)], s, s_mid), s_mid)
+            k4 = _eps(model, _transfer(x, [(1.0, k3)], s, s_next), s_next)
+            x = _transfer(x, [(1 / 6, eps), (2 / 6, k2), (2 / 6, k3), (1 / 6, k4)], s, s_next)
         else:
             x = _adams_bashforth(x, history, s, s_next)
     return x
@@ -64,9 +61,8 @@ def plms(model, x, sigmas, noise=None):
         eps = _eps(model, x, s)
         history = [eps] + history[:3]
         if i == 0:
-            eps_end = _eps(model, _transfer(x, eps, s, s_next), s_next)
-            # eps_end is not kept in the history
-            x = _transfer_combination(x, (1 / 2, 1 / 2), (eps, eps_end), s, s_next)
+            eps_end = _eps(model, _transfer(x, [(1.0, eps)], s, s_next), s_next)
+            x = _transfer(x, [(1 / 2, eps), (1 / 2, eps_end)], s, s_next)  # eps_end is not kept in the history
         else:
             x = _adams_bashforth(x, history, s, s_next)
     return x
