@@ -8,35 +8,8 @@ samplers are batch-independent too.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
-
-# Below this many numbers per draw, handing rows to other threads costs more than it saves.
-PARALLEL_MIN_NUMBERS = 1 << 16
-_pool: ThreadPoolExecutor | None = None
-
-
-def _draw_pool() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(thread_name_prefix="sample-noise")
-    return _pool
-
-
-def _forget_pool() -> None:  # a forked child does not inherit the pool's threads
-    global _pool
-    _pool = None
-
-
-os.register_at_fork(after_in_child=_forget_pool)
-
-
-def _fill(rows) -> None:
-    for row, generator in rows:
-        row.normal_(generator=generator)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -55,21 +28,10 @@ class SampleNoise:
         """[len(indices), *shape] standard normal; drawn in float32 on CPU so every device and compute
         dtype sees the same numbers."""
         draws = torch.empty((len(self.generators), *shape), dtype=torch.float32)
-        # Each row is filled in place by its own generator: the same numbers as torch.randn(shape,
-        # generator=g), without a tensor per sample and a stack to copy them together.
-        rows = list(zip(draws, self.generators))
-        workers = min(torch.get_num_threads(), len(rows))
-        if workers > 1 and draws.numel() >= PARALLEL_MIN_NUMBERS:
-            # One generator draws serially, but the rows' generators are independent: split the rows
-            # over torch's thread budget (torch releases the GIL while it draws). Every generator is
-            # used by one thread only, so the numbers do not depend on the split.
-            chunks = [rows[k::workers] for k in range(workers)]
-            pending = [_draw_pool().submit(_fill, chunk) for chunk in chunks[1:]]
-            _fill(chunks[0])
-            for future in pending:
-                future.result()
-        else:
-            _fill(rows)
+        # each row filled in place by its own generator: the same numbers as torch.randn(shape,
+        # generator=g), without a tensor per sample and a stack to copy them together
+        for row, g in zip(draws, self.generators):
+            row.normal_(generator=g)
         return draws.to(device=self.device, dtype=dtype)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
