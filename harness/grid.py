@@ -19,14 +19,19 @@ class GridCell:
     supported: bool
     reason: str = ""  # why an unsupported cell cannot run
 
-    def path(self, results_dir: str | Path) -> Path:
-        return Path(results_dir) / "cells" / self.model / self.method / f"nfe{self.nfe}"
+    def path(self, results_dir: str | Path, seed: int) -> Path:
+        return Path(results_dir) / "cells" / self.model / self.method / f"nfe{self.nfe}" / f"seed{seed}"
 
 
 def load_grid(path: str | Path) -> dict:
     grid = load_yaml(path)
     validate(grid, "grid", path)
     return grid
+
+
+def grid_seeds(grid: dict) -> list[int]:
+    """Seeds every cell runs with: `seeds` if given, else the single `seed` (default 0)."""
+    return list(grid.get("seeds") or [grid.get("seed", 0)])
 
 
 def expand_grid(grid: dict, models: dict | None = None, methods: dict | None = None) -> list[GridCell]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from harness import prepared, references
 from harness.config import load_methods, load_models
-from harness.grid import GridCell, expand_grid
+from harness.grid import GridCell, expand_grid, grid_seeds
 from harness.methods import make_sampler
 
 # metric -> reference solution kind it reads
@@ -24,13 +24,13 @@ class Plan:
     results_dir: Path
     cache_dir: Path
     config_file_args: str  # --models-file/--methods-file
-    seed: int
+    seeds: list[int]  # every supported cell runs once per seed
     cells: list[GridCell]  # supported cells only
     num_samples: dict[str, int]  # per model
-    references: dict[tuple[str, str], Path] = field(default_factory=dict)  # (model, kind) -> file
+    references: dict[tuple[str, str, int], Path] = field(default_factory=dict)  # (model, kind, seed) -> file
     extractors: dict[str, Path] = field(default_factory=dict)  # name -> weights file
     refstats: dict[tuple[str, str], Path] = field(default_factory=dict)  # (dataset, extractor) -> file
-    eval_inputs: dict[str, list[Path]] = field(default_factory=dict)  # model -> cached files it needs
+    eval_inputs: dict[tuple[str, int], list[Path]] = field(default_factory=dict)  # (model, seed) -> cached files
     prepared: dict[tuple[str, str, int], Path] = field(default_factory=dict)  # cell -> its method's side data
 
     def prepared_for(self, model: str, method: str, nfe) -> list[Path]:
@@ -49,8 +49,11 @@ class Plan:
         """Options every cell-level CLI call takes: the config files and the cache."""
         return f"{self.config_file_args} --cache-dir {self.cache_dir}"
 
-    def cell_dir(self, model: str, method: str, nfe) -> Path:
-        return GridCell(model, method, int(nfe), True).path(self.results_dir)
+    def cell_dir(self, model: str, method: str, nfe, seed) -> Path:
+        return GridCell(model, method, int(nfe), True).path(self.results_dir, int(seed))
+
+    def cell_dirs(self) -> list[Path]:
+        return [self.cell_dir(c.model, c.method, c.nfe, seed) for c in self.cells for seed in self.seeds]
 
 
 def plan(config: dict) -> Plan:
@@ -58,14 +61,14 @@ def plan(config: dict) -> Plan:
     methods = load_methods(config["methods_file"])
     results_dir = Path(config["results_dir"])
     cache_dir = results_dir / "cache"
-    seed = config["seed"]
+    seeds = grid_seeds(config)
     cells = [c for c in expand_grid(config, models, methods) if c.supported]
     model_ids = list(dict.fromkeys(c.model for c in cells))
     result = Plan(
         results_dir=results_dir,
         cache_dir=cache_dir,
         config_file_args=f"--models-file {config['models_file']} --methods-file {config['methods_file']}",
-        seed=seed,
+        seeds=seeds,
         cells=cells,
         num_samples={m: config.get("num_samples") or models[m].get("num_samples", 1000) for m in model_ids},
     )
@@ -77,17 +80,20 @@ def plan(config: dict) -> Plan:
             result.prepared[(cell.model, cell.method, cell.nfe)] = path
     for model_id in model_ids:
         spec = models[model_id]
-        needs: list[Path] = []
+        shared: list[Path] = []  # the same for every seed
         for metric in spec["metrics"]:
-            if metric in REFERENCE_KIND:
-                kind = REFERENCE_KIND[metric]
-                path = references.reference_path(cache_dir, model_id, spec, kind, seed, result.num_samples[model_id],
-                                                 methods)
-                result.references[(model_id, kind)] = path
-                needs.append(path)
-            elif metric in FIDELITY_METRICS:
-                needs += _fidelity_inputs(result, cache_dir, model_id, spec)
-        result.eval_inputs[model_id] = sorted(set(needs))
+            if metric in FIDELITY_METRICS:
+                shared += _fidelity_inputs(result, cache_dir, model_id, spec)
+        for seed in seeds:
+            needs = list(shared)
+            for metric in spec["metrics"]:
+                if metric in REFERENCE_KIND:
+                    kind = REFERENCE_KIND[metric]
+                    path = references.reference_path(cache_dir, model_id, spec, kind, seed,
+                                                     result.num_samples[model_id], methods)
+                    result.references[(model_id, kind, seed)] = path
+                    needs.append(path)
+            result.eval_inputs[(model_id, seed)] = sorted(set(needs))
     return result
 
 

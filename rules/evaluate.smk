@@ -3,18 +3,19 @@
 
 rule evaluate:
     input:
-        cell=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/cell.json",
-        samples=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/samples.npz",
-        cached=lambda wc: PLAN.eval_inputs[wc.model],
+        cell=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/seed{{seed}}/cell.json",
+        samples=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/seed{{seed}}/samples.npz",
+        cached=lambda wc: PLAN.eval_inputs[(wc.model, int(wc.seed))],
     output:
-        f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/metrics.json",
+        f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/seed{{seed}}/metrics.json",
     params:
-        out=lambda wc: PLAN.cell_dir(wc.model, wc.method, wc.nfe),
+        out=lambda wc: PLAN.cell_dir(wc.model, wc.method, wc.nfe, wc.seed),
         common=COMMON,
     wildcard_constraints:
         nfe=r"\d+",
+        seed=r"\d+",
     log:
-        f"{RESULTS}/logs/evaluate/{{model}}__{{method}}__nfe{{nfe}}.log",
+        f"{RESULTS}/logs/evaluate/{{model}}__{{method}}__nfe{{nfe}}__seed{{seed}}.log",
     conda:
         "envs/stepbench.yaml"
     shell:

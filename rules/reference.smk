@@ -25,21 +25,21 @@ for (_dataset, _extractor), _path in PLAN.refstats.items():
             " --cache-dir {params.cache} > {log} 2>&1"
 
 
-for (_model, _kind), _path in PLAN.references.items():
+for (_model, _kind, _seed), _path in PLAN.references.items():
 
     rule:
         name:
-            f"reference_{_kind}_{_model}".replace("-", "_")
+            f"reference_{_kind}_{_model}_seed{_seed}".replace("-", "_")
         output:
             _path,
         params:
             model=_model,
             kind=_kind,
             num_samples=PLAN.num_samples[_model],
-            seed=PLAN.seed,
+            seed=_seed,
             common=COMMON,
         log:
-            f"{RESULTS}/logs/reference_{_kind}_{_model}.log",
+            f"{RESULTS}/logs/reference_{_kind}_{_model}_seed{_seed}.log",
         conda:
             "envs/stepbench.yaml"
         shell:

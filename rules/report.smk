@@ -21,7 +21,7 @@ rule grid_config:
 
 rule report:
     input:
-        metrics=[PLAN.cell_dir(c.model, c.method, c.nfe) / "metrics.json" for c in PLAN.cells],
+        metrics=[cell_dir / "metrics.json" for cell_dir in PLAN.cell_dirs()],
         grid=f"{RESULTS}/grid.json",
     output:
         html=f"{config['reports_dir']}/index.html",

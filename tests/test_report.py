@@ -245,5 +245,22 @@ def test_bad_cells_fail_with_the_file_named(workspace):
         render(workspace)
     broken.unlink()
     write_cell(workspace["results"], "gmm2d", "euler", 5, {"exact_err": 0.3}, where="copy/of/euler5")
-    with pytest.raises(StepbenchError, match="gmm2d / euler / NFE 5 also at"):
+    with pytest.raises(StepbenchError, match="gmm2d / euler / NFE 5 / seed 0 also at"):
         render(workspace)
+
+
+def test_seeds_of_a_cell_become_mean_and_t_interval(workspace):
+    results = workspace["results"]
+    values = {1: 0.2, 2: 0.4}
+    for seed, value in values.items():
+        cell_dir = write_cell(results, "gmm2d", "euler", 9, {"exact_err": value}, where=f"cells/gmm2d/euler/nfe9/seed{seed}")
+        cell = json.loads((cell_dir / "cell.json").read_text())
+        (cell_dir / "cell.json").write_text(json.dumps({**cell, "seed": seed}))
+    render(workspace)
+    rows = pd.read_csv(workspace["out"] / "results.csv")
+    row = rows[(rows["method"] == "euler") & (rows["nfe"] == 9) & (rows["metric"] == "exact_err")].iloc[0]
+    # mean 0.3, sd 0.1414, t(0.975, 1) = 12.706: half-width 12.706 * 0.1414 / sqrt(2) = 1.2706
+    assert row["value"] == pytest.approx(0.3) and row["n_seeds"] == 2 and pd.isna(row["seed"])
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(0.3 - 1.2706, abs=1e-3), pytest.approx(0.3 + 1.2706, abs=1e-3))
+    per_seed = pd.read_csv(workspace["out"] / "results_per_seed.csv")
+    assert sorted(per_seed[(per_seed["nfe"] == 9) & (per_seed["metric"] == "exact_err")]["value"]) == [0.2, 0.4]

@@ -19,6 +19,7 @@ def _grid(tmp_path: Path, **overrides) -> Path:
         "models": ["gmm2d"],
         "methods": ["euler", "heun"],
         "nfe": [4, 21],
+        "seeds": [0, 1],
         "num_samples": 40,
         "models_file": str(REPO / "models.yaml"),
         "methods_file": str(REPO / "methods.yaml"),
@@ -47,6 +48,9 @@ def test_tiny_grid_end_to_end_and_second_run_has_nothing_to_do(tmp_path):
     for r in rows:
         if r["status"] == "ok":
             assert float(r["nfe_measured"]) == float(r["nfe"])
+            assert r["n_seeds"] == "2" and float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"])
+    per_seed = list(csv.DictReader((tmp_path / "reports" / "results_per_seed.csv").open()))
+    assert {r["seed"] for r in per_seed if r["metric"] == "exact_err"} == {"0", "1"}
     again = _run(tmp_path, "--configfile", str(grid), "--dry-run")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.config import load_methods, load_models
-from harness.grid import expand_grid, load_grid
+from harness.grid import expand_grid, grid_seeds, load_grid
 from harness.report.collect import collect_results
 from harness.report.html import render_page
 from harness.report.layout import plan_layout
@@ -24,11 +24,13 @@ def render_report(results_dir: Path, out: Path, grid_file: Path | None, models_f
     models, methods = load_models(models_file), load_methods(methods_file)
     grid = load_grid(grid_file) if grid_file else None
     grid_cells = expand_grid(grid, models, methods) if grid else None
-    collected = collect_results(results_dir, grid_cells, methods)
+    collected = collect_results(results_dir, grid_cells, methods, grid_seeds(grid) if grid else None)
     layouts = plan_layout(collected.results, models, methods, grid)
 
     out.mkdir(parents=True, exist_ok=True)
     collected.results.to_csv(out / "results.csv", index=False)
+    if collected.per_seed["seed"].nunique() > 1:  # the aggregated rows hide the seeds: keep them too
+        collected.per_seed.to_csv(out / "results_per_seed.csv", index=False)
     plots = write_plots(collected.results, layouts, out / "plots")
     page = render_page(
         collected, layouts, plots,

@@ -3,6 +3,9 @@
 A row whose `metric` is NaN describes a whole cell that has no metric values: unsupported by its
 method, requested but missing, or sampled but not evaluated. It applies to every metric table of
 its model.
+
+A cell run with several seeds becomes one row per metric: the mean over seeds with a Student-t
+interval (CONFIDENCE) over them; the rows of each seed are kept in `per_seed`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from harness.grid import GridCell
 
 COLUMNS = [
     "model", "method", "family", "nfe", "nfe_measured", "network_evals", "metric", "value", "ci_low", "ci_high",
-    "status", "reason", "num_samples", "seed", "wall_s", "peak_mem_mb", "config_hash", "device", "git", "cell_dir",
+    "status", "reason", "num_samples", "seed", "n_seeds", "wall_s", "peak_mem_mb", "config_hash", "device", "git",
+    "cell_dir",
 ]
-INT_COLUMNS = ["nfe", "num_samples", "seed"]
+CONFIDENCE = 0.95
+INT_COLUMNS = ["nfe", "num_samples", "seed", "n_seeds"]
 FLOAT_COLUMNS = ["nfe_measured", "network_evals", "value", "ci_low", "ci_high", "wall_s", "peak_mem_mb"]
 SORT_KEYS = ["model", "method", "nfe", "metric"]
 REQUIRED_CELL_KEYS = ("model", "method", "nfe", "status")
@@ -31,19 +36,21 @@ DIVERGED_REASON = "NaN/Inf in samples"
 
 @dataclass
 class Collected:
-    results: pd.DataFrame  # COLUMNS, sorted by SORT_KEYS
+    results: pd.DataFrame  # COLUMNS, sorted by SORT_KEYS; seeds of a cell aggregated
+    per_seed: pd.DataFrame = field(default_factory=pd.DataFrame)  # the same, one row per seed
     packages: dict[str, list[str]] = field(default_factory=dict)  # package -> distinct versions seen
     python: list[str] = field(default_factory=list)
     # (model, metric) -> distinct provenance records (JSON) of that metric's values
     metric_provenance: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
 
-def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, methods: dict[str, dict]) -> Collected:
+def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, methods: dict[str, dict],
+                    seeds: list[int] | None = None) -> Collected:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise StepbenchError(f"{results_dir}: results directory not found")
     rows: list[dict] = []
-    found: dict[tuple[str, str, int], Path] = {}
+    found: dict[tuple[str, str, int, int | None], Path] = {}
     packages: dict[str, set[str]] = {}
     pythons: set[str] = set()
     metric_provenance: dict[tuple[str, str], set[str]] = {}
@@ -54,10 +61,10 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
         missing = [key for key in REQUIRED_CELL_KEYS if key not in cell]
         if missing:
             raise StepbenchError(f"{cell_json}: key '{missing[0]}' missing (needs {', '.join(REQUIRED_CELL_KEYS)})")
-        key = (cell["model"], cell["method"], int(cell["nfe"]))
+        key = (cell["model"], cell["method"], int(cell["nfe"]), cell.get("seed"))
         if key in found:
-            raise StepbenchError(f"{cell_json}: {key[0]} / {key[1]} / NFE {key[2]} also at {found[key]}; "
-                                 "keep one cell per (model, method, NFE)")
+            raise StepbenchError(f"{cell_json}: {key[0]} / {key[1]} / NFE {key[2]} / seed {key[3]} also at "
+                                 f"{found[key]}; keep one cell per (model, method, NFE, seed)")
         found[key] = cell_json
         provenance = cell.get("provenance", {})
         for name, version in provenance.get("packages", {}).items():
@@ -84,13 +91,16 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
                 record = json.dumps(metrics["provenance"][name], sort_keys=True, default=str)
                 metric_provenance.setdefault((cell["model"], name), set()).add(record)
 
+    found_cells = {key[:3] for key in found}
     for grid_cell in grid_cells or []:
-        if (grid_cell.model, grid_cell.method, grid_cell.nfe) in found:
+        if (grid_cell.model, grid_cell.method, grid_cell.nfe) in found_cells:
             continue
-        rows.append(_requested_row(grid_cell, methods, results_dir))
+        rows.append(_requested_row(grid_cell, methods, results_dir, (seeds or [0])[0]))
 
+    per_seed = _as_table(rows)
     return Collected(
-        results=_as_table(rows),
+        results=_aggregate_seeds(per_seed),
+        per_seed=per_seed,
         packages={name: sorted(versions) for name, versions in sorted(packages.items())},
         python=sorted(pythons),
         metric_provenance={key: sorted(records) for key, records in sorted(metric_provenance.items())},
@@ -127,12 +137,49 @@ def _value_reason(status: str, value: float | None) -> str:
     return ""
 
 
-def _requested_row(grid_cell: GridCell, methods: dict[str, dict], results_dir: Path) -> dict:
+def _requested_row(grid_cell: GridCell, methods: dict[str, dict], results_dir: Path, seed: int) -> dict:
     row = {"model": grid_cell.model, "method": grid_cell.method, "nfe": grid_cell.nfe,
            "family": methods.get(grid_cell.method, {}).get("family")}
     if not grid_cell.supported:
         return {**row, "status": "unsupported", "reason": grid_cell.reason}
-    return {**row, "status": "missing", "reason": f"no cell.json under {grid_cell.path(results_dir)}"}
+    return {**row, "status": "missing", "reason": f"no cell.json under {grid_cell.path(results_dir, seed)}"}
+
+
+def _aggregate_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, method, NFE, metric): the seeds' mean and t-interval when all are ok."""
+    from scipy import stats
+
+    keys = ["model", "method", "nfe", "metric"]
+    counts = per_seed.groupby(keys, dropna=False, sort=False)["status"].transform("size")
+    single = per_seed[counts == 1].assign(n_seeds=lambda t: t["seed"].notna().astype("Int64"))
+    merged = []
+    for _, group in per_seed[counts > 1].groupby(keys, dropna=False, sort=False):
+        row = group.iloc[0].to_dict()
+        row.update(seed=pd.NA, n_seeds=len(group), cell_dir=_common_prefix(group["cell_dir"]),
+                   wall_s=group["wall_s"].mean(), peak_mem_mb=group["peak_mem_mb"].max())
+        failed = group[group["status"] != "ok"]
+        if len(failed):  # one bad seed makes the cell's value undefined, and says why
+            row.update(value=float("nan"), ci_low=float("nan"), ci_high=float("nan"),
+                       status=failed.iloc[0]["status"], reason=f"{len(failed)} of {len(group)} seeds: "
+                       + failed.iloc[0]["reason"])
+        else:
+            values = group["value"].astype(float)
+            half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * values.std(ddof=1) / len(values) ** 0.5
+            row.update(value=values.mean(), ci_low=values.mean() - half, ci_high=values.mean() + half)
+        merged.append(row)
+    table = pd.concat([single, pd.DataFrame(merged, columns=COLUMNS)], ignore_index=True) if merged else single
+    return _as_table(table.to_dict("records"))
+
+
+def _common_prefix(paths: pd.Series) -> str:
+    """The cell's directory above its seed folders."""
+    parts = [p.split("/") for p in paths.dropna()]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return "/".join(common)
 
 
 def _as_table(rows: list[dict]) -> pd.DataFrame:
