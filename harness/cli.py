@@ -168,18 +168,28 @@ def extractor(name, cache_dir):
 
 
 @cli.command()
-@click.option("--dataset", required=True, help="Reference dataset (models.yaml key 'dataset').")
-@click.option("--extractor", "extractor_name", required=True,
-              help="Feature extractor (models.yaml key 'feature_extractor').")
+@click.option("--model", "model_id", default=None,
+              help="Build the statistics of this model's reference data (any kind: folder, npz, library).")
+@click.option("--dataset", default=None, help="Or an embedded dataset (models.yaml key 'dataset') ...")
+@click.option("--extractor", "extractor_name", default=None, help="... with this feature extractor.")
+@models_file_opt
 @cache_opt
-def refstats(dataset, extractor_name, cache_dir):
+def refstats(model_id, dataset, extractor_name, models_file, cache_dir):
     """Compute (or find cached) reference features and statistics for FID/KID; print their path.
 
-    Example: stepbench refstats --dataset digits --extractor digits-cnn
+    Examples: stepbench refstats --model digits-ideal;  stepbench refstats --dataset digits --extractor digits-cnn
     """
-    from harness.metrics.fidelity import build_reference_statistics
+    from harness.metrics.fidelity import build_reference_statistics, fidelity_setup
 
-    click.echo(build_reference_statistics(cache_dir, dataset, extractor_name))
+    if model_id is not None:
+        from harness.config import load_models, lookup
+
+        source = fidelity_setup(lookup(load_models(models_file), model_id, models_file, "model"), model_id)
+        click.echo(build_reference_statistics(cache_dir, source))
+    elif dataset and extractor_name:
+        click.echo(build_reference_statistics(cache_dir, dataset, extractor_name))
+    else:
+        raise StepbenchError("stepbench refstats: give --model, or --dataset with --extractor")
 
 
 def main() -> None:

@@ -23,13 +23,15 @@ FIDELITY_METRICS = {"fid", "kid", "is", "prc", "precision", "recall"}
 class Plan:
     results_dir: Path
     cache_dir: Path
-    config_file_args: str  # --models-file/--methods-file
+    models_file: str
+    methods_file: str
     seeds: list[int]  # every supported cell runs once per seed
     cells: list[GridCell]  # supported cells only
     num_samples: dict[str, int]  # per model
     references: dict[tuple[str, str, int], Path] = field(default_factory=dict)  # (model, kind, seed) -> file
     extractors: dict[str, Path] = field(default_factory=dict)  # name -> weights file
-    refstats: dict[tuple[str, str], Path] = field(default_factory=dict)  # (dataset, extractor) -> file
+    # statistics file -> (a model whose reference it is, the built extractor it needs, if any)
+    refstats: dict[Path, tuple[str, list[Path]]] = field(default_factory=dict)
     eval_inputs: dict[tuple[str, int], list[Path]] = field(default_factory=dict)  # (model, seed) -> cached files
     prepared: dict[tuple[str, str, int], Path] = field(default_factory=dict)  # cell -> its method's side data
 
@@ -43,6 +45,10 @@ class Plan:
         for cell, path in self.prepared.items():
             jobs.setdefault(path, cell)
         return jobs
+
+    @property
+    def config_file_args(self) -> str:
+        return f"--models-file {self.models_file} --methods-file {self.methods_file}"
 
     @property
     def common_args(self) -> str:
@@ -67,7 +73,8 @@ def plan(config: dict) -> Plan:
     result = Plan(
         results_dir=results_dir,
         cache_dir=cache_dir,
-        config_file_args=f"--models-file {config['models_file']} --methods-file {config['methods_file']}",
+        models_file=config["models_file"],
+        methods_file=config["methods_file"],
         seeds=seeds,
         cells=cells,
         num_samples={m: config.get("num_samples") or models[m].get("num_samples", 1000) for m in model_ids},
@@ -98,24 +105,18 @@ def plan(config: dict) -> Plan:
 
 
 def _fidelity_inputs(result: Plan, cache_dir: Path, model_id: str, spec: dict) -> list[Path]:
-    """Cached files a model's fidelity metrics read. Embedded extractors and datasets get their own jobs
-    (stepbench extractor / refstats); a library's or configured weights file is a plain input (Snakemake
-    says it is missing; nothing downloads it), and statistics of other reference data are built and
-    cached by the first evaluate that needs them (their key is checked inside the file either way)."""
+    """Cached files a model's fidelity metrics read. Reference statistics get a job of their own
+    (stepbench refstats --model), and so do embedded extractors (stepbench extractor); a library's or
+    a configured weights file is a plain input: Snakemake says it is missing, nothing downloads it."""
+    from harness.metrics.features import get_extractor
     from harness.metrics.fidelity import fidelity_setup, planned_weights, reference_statistics_path
 
     setup = fidelity_setup(spec, model_id)
     weights = planned_weights(setup, cache_dir)
-    embedded = setup.backend == "torch-fidelity" and setup.weights_config is None
-    if not embedded:
-        return [weights]
-    from harness.metrics.features import get_extractor
-
-    if get_extractor(setup.extractor).build is None:  # torch-fidelity's own extractor, its cached download
-        return [weights]
-    result.extractors[setup.extractor] = weights
-    if setup.source.kind != "embedded":
-        return [weights]
+    buildable = (setup.backend == "torch-fidelity" and setup.weights_config is None
+                 and get_extractor(setup.extractor).build is not None)
+    if buildable:
+        result.extractors[setup.extractor] = weights
     stats = reference_statistics_path(cache_dir, setup)
-    result.refstats[(setup.source.name, setup.extractor)] = stats
+    result.refstats.setdefault(stats, (model_id, [weights] if buildable else []))
     return [weights, stats]

@@ -3,26 +3,26 @@
 # outside the workflow finds the same files.
 
 
-for (_dataset, _extractor), _path in PLAN.refstats.items():
+for _path, (_model, _extractor_weights) in PLAN.refstats.items():
 
     rule:
         name:
-            f"refstats_{_dataset}_{_extractor}"
+            f"refstats_{_path.stem}".replace("-", "_").replace(".", "_")
         input:
-            PLAN.extractors[_extractor],
+            _extractor_weights,
         output:
             _path,
         params:
-            dataset=_dataset,
-            extractor=_extractor,
+            model=_model,
+            models_file=PLAN.models_file,
             cache=CACHE,
         log:
-            f"{RESULTS}/logs/refstats_{_dataset}_{_extractor}.log",
+            f"{RESULTS}/logs/refstats_{_path.stem}.log",
         conda:
             "envs/stepbench.yaml"
         shell:
-            "stepbench refstats --dataset {params.dataset} --extractor {params.extractor}"
-            " --cache-dir {params.cache} > {log} 2>&1"
+            "stepbench refstats --model {params.model} --models-file {params.models_file} --cache-dir {params.cache}"
+            " > {log} 2>&1"
 
 
 for (_model, _kind, _seed), _path in PLAN.references.items():
