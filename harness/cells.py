@@ -28,27 +28,32 @@ class Generated:
     nfe_measured: float
     wall_s: float
     status: str  # ok | diverged
+    latents: np.ndarray | None = None  # latent models: float32 [S, ...] before decode (mse_ref's space)
 
 
 def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int, batch_size: int) -> Generated:
     """Run a sampler over samples 0..S-1 in batches; sample i depends only on (seed, i)."""
     counted = CountingDenoiser(denoiser)
     info = denoiser.info
-    outs, noises = [], []
+    outs, noises, latents = [], [], []
     wall = 0.0
     for start in range(0, num_samples, batch_size):
         gen = SampleNoise(seed, range(start, min(start + batch_size, num_samples)), device=info.device)
         noise = gen.randn(info.data_shape, dtype=info.dtype)
         _sync(info.device)
         t0 = time.perf_counter()
-        x0 = denoiser.decode(sampler.sample(counted, noise, nfe, None, gen))
+        z0 = sampler.sample(counted, noise, nfe, None, gen)
+        x0 = denoiser.decode(z0)
         _sync(info.device)
         wall += time.perf_counter() - t0
         outs.append(x0.float().cpu().numpy())
+        if info.latent:
+            latents.append(z0.float().cpu().numpy())
         noises.append(noise.float().cpu().numpy())
     samples = np.concatenate(outs)
     status = "ok" if np.isfinite(samples).all() else "diverged"
-    return Generated(samples, np.concatenate(noises), counted.nfe_per_sample(num_samples), wall, status)
+    return Generated(samples, np.concatenate(noises), counted.nfe_per_sample(num_samples), wall, status,
+                     np.concatenate(latents) if info.latent else None)
 
 
 def run_cell(
@@ -80,6 +85,8 @@ def run_cell(
     arrays = {"samples": result.samples}
     if keep_noise:
         arrays["noise"] = result.noise
+    if result.latents is not None:
+        arrays["latents"] = result.latents
     np.savez(out_dir / "samples.npz", **arrays)
     peak_mb, peak_kind = _peak_memory_mb(device)
     cell = {

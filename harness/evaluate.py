@@ -22,11 +22,13 @@ def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names:
         if not (cell_dir / name).is_file():
             raise StepbenchError(f"{cell_dir / name}: file not found (run `stepbench sample` first)")
     cell = json.loads((cell_dir / "cell.json").read_text())
-    samples = np.load(cell_dir / "samples.npz")["samples"]
+    with np.load(cell_dir / "samples.npz") as arrays:
+        samples = arrays["samples"]
+        latents = arrays["latents"] if "latents" in arrays.files else None  # latent models only
     metric_classes = [METRICS.get(name) for name in metric_names]  # unknown names fail before any work
 
     out: dict = {"status": cell["status"], "ci": {}, "provenance": {}}
-    ctx = EvalContext(cell_dir, cell, samples, model_spec, methods, Path(cache_dir), device)
+    ctx = EvalContext(cell_dir, cell, samples, model_spec, methods, Path(cache_dir), device, latents=latents)
     for name, cls in zip(metric_names, metric_classes):
         if cell["status"] != "ok" and name not in ("wall_s_per_sample", "peak_mem_mb"):
             out[name] = None  # a diverged cell is a result: its quality metrics are undefined

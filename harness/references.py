@@ -39,15 +39,26 @@ def reference_path(cache_dir: Path, model_id: str, model_spec: dict, kind: str, 
     return Path(cache_dir) / "references" / model_id / f"{kind}-{key}.npz"
 
 
-def load_or_compute(cache_dir, model_id, model_spec, kind, seed, num_samples, methods, device="cpu") -> np.ndarray:
+def load_or_compute(cache_dir, model_id, model_spec, kind, seed, num_samples, methods, device="cpu",
+                    array: str = "samples") -> np.ndarray:
+    """The reference's decoded `samples`, or (latent models, kind solver) its pre-decode `latents`."""
     path = reference_path(cache_dir, model_id, model_spec, kind, seed, num_samples, methods)
-    if not path.exists():
+    if not path.exists() or not _holds(path, array):  # a file from before latents were stored: recompute
         compute(path, model_id, model_spec, kind, seed, num_samples, methods, device)
-    return np.load(path)["samples"]
+    with np.load(path) as data:
+        if array not in data.files:
+            raise StepbenchError(f"{path}: reference has no {array!r} (only latent models' solver references do)")
+        return data[array]
+
+
+def _holds(path: Path, array: str) -> bool:
+    with np.load(path) as data:
+        return array in data.files
 
 
 def compute(path: Path, model_id, model_spec, kind, seed, num_samples, methods, device="cpu") -> None:
     denoiser = load_denoiser(model_spec, device)
+    extra: dict[str, np.ndarray] = {}  # latent models' pre-decode solution, for mse_ref in latent space
     if kind == "exact":
         if not denoiser.info.extra.get("analytic"):
             raise StepbenchError(f"exact_err needs an analytic model; {model_id!r} is not (use mse_ref)")
@@ -61,11 +72,13 @@ def compute(path: Path, model_id, model_spec, kind, seed, num_samples, methods, 
         batch = model_spec.get("batch_size", 250)
         result = generate(denoiser, make_sampler(spec), nfe, seed, num_samples, batch)
         samples, recipe = result.samples, {"method": model_spec["reference"]["method"], "nfe": nfe, "spec": spec}
+        if result.latents is not None:
+            extra["latents"] = result.latents.astype(np.float32)
     else:
         raise ValueError(f"reference kind {kind!r}; valid: {KINDS}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, samples=samples.astype(np.float32), recipe=json.dumps(recipe))
+    np.savez(tmp, samples=samples.astype(np.float32), recipe=json.dumps(recipe), **extra)
     tmp.replace(path)
 
 

@@ -4,8 +4,9 @@ clean-fid only loads its Inception as a torchscript file named inception-2015-12
 InceptionV3W wrapper (which uses `base.layers` on 299x299 inputs scaled to [-1, 1] and expects 2048
 features). A small random torchscript with that interface stands in for it here, so the resize, file
 decoding, wrapper and statistics are clean-fid's own while the network costs milliseconds.
-clean-fid's compute_fid builds its extractor from a hard-coded /tmp path, so the test hands it the
-same InceptionV3W through `custom_feat_extractor`.
+clean-fid's compute_fid builds its extractor from a hard-coded /tmp path, so the tests hand it their
+network through `custom_feat_extractor`: the 2048-d InceptionV3W (slow: scipy sqrtm at 2048-d), and a
+64-d network that the backend takes the same way, so compute_fid runs in the default suite.
 """
 
 from __future__ import annotations
@@ -107,6 +108,55 @@ def test_fid_equals_cleanfid_compute_fid_on_the_same_folders(folders):
                                     num_workers=0, batch_size=8, device=torch.device("cpu"), verbose=False)
     # 40 samples: S1 S2 is singular (scipy warns), so sqrtm's own round-off sets the tolerance
     assert FID().compute(context(root, samples, weights, reference_dir)).value == pytest.approx(expected, rel=1e-5)
+
+
+class SmallExtractor(nn.Module):
+    """A 64-d feature network on clean-fid's custom_feat_extractor contract (float [B, 3, 299, 299] in
+    0..255): low-dimensional, so clean-fid's scipy sqrtm takes milliseconds and more images than
+    dimensions make both covariances full rank."""
+
+    DIM = 64
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 16, 7, stride=4)
+        self.conv2 = nn.Conv2d(16, 16, 3, stride=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1((x - 128) / 128))))
+        return nn.functional.adaptive_avg_pool2d(h, (2, 2)).reshape(len(x), self.DIM)
+
+
+def test_fid_equals_cleanfid_compute_fid_on_the_same_folders_full_rank(tmp_path):
+    """compute_fid itself, in the default suite: the same network handed to both (clean-fid's
+    custom_feat_extractor, the backend's `model`), the folders decoded by stepbench's reference loader."""
+    from cleanfid import fid as cleanfid
+
+    from harness.metrics.frechet import covariance_factor
+    from harness.metrics.refdata import load_reference_images, reference_source
+
+    num_samples, num_reference = 90, 100  # > 64 + 1 each
+    sample_dir = write_folder(tmp_path / "samples", uint8_images(2, num_samples, 0.0))
+    reference_dir = write_folder(tmp_path / "reference", uint8_images(3, num_reference, 0.4))
+    model = SmallExtractor().eval()
+    expected = cleanfid.compute_fid(str(sample_dir), str(reference_dir), mode="clean", custom_feat_extractor=model,
+                                    num_workers=0, batch_size=8, device=torch.device("cpu"), verbose=False)
+
+    def features(folder: Path) -> torch.Tensor:
+        source = reference_source({"reference_data": {"kind": "folder", "path": str(folder)}}, "m")
+        return cleanfid_backend.extract_features(load_reference_images(source), None, model=model)
+
+    samples, reference = features(sample_dir), features(reference_dir)
+    assert samples.shape == (num_samples, SmallExtractor.DIM)
+    assert np.linalg.matrix_rank(np.cov(samples.double().numpy(), rowvar=False)) == SmallExtractor.DIM
+    stats = fidelity.fid_statistics(reference)
+    ref = fidelity.ReferenceStatistics({}, {}, stats, covariance_factor(stats["sigma"], reference), "")
+    ours = fidelity.fid_from_features(samples, ref)  # FID's own path (the metric and its bootstrap call it)
+    assert ours > 0
+    # features are bit-identical; what differs (~2e-7 here) is clean-fid's np.mean of float32 features,
+    # a float32 mean (its frechet_distance on float64 means agrees with ours to ~1e-12)
+    assert ours == pytest.approx(expected, rel=1e-6)
 
 
 def test_fid_equals_cleanfid_frechet_distance_on_its_features(folders):

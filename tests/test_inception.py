@@ -98,6 +98,65 @@ def test_inception_metrics_equal_torch_fidelity_calculate_metrics(setup):
     assert fid.ci_low <= fid.ci_high and kid.ci_low <= kid.ci_high
 
 
+NUM_FULL_RANK = 70  # > 64 + 1 images per side: full-rank covariances of Inception's 64-d layer
+LOW_LAYER = "64"  # after the stem: ~0.1 s an image instead of ~0.3 s for the full network
+
+
+def detailed_images(seed: int, num: int, shift: float = 0.0) -> np.ndarray:
+    """Like `images`, from 8x8 noise: more degrees of freedom (192) than the 64 features."""
+    rng = np.random.default_rng(seed)
+    low = torch.from_numpy(rng.standard_normal((num, 3, 8, 8)))
+    x = torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
+    return np.tanh(x.numpy() * 0.8 + shift).astype(np.float32)
+
+
+def test_full_rank_inception_layer_metrics_equal_torch_fidelity_to_1e6(setup, tmp_path):
+    """The 1e-6 agreement with calculate_metrics, honestly: models.yaml feature_layer_<metric> picks
+    Inception's 64-d layer, and more images than dimensions make both covariances full rank, so
+    torch-fidelity's eigvals(S1 S2) has no zero eigenvalues to round into its trace term."""
+    root, weights, _, spec = setup
+    reference = data_to_uint8_rgb(detailed_images(3, NUM_FULL_RANK, shift=0.3))
+    np.savez(tmp_path / "reference.npz", images=reference.numpy())
+    layers = {f"feature_layer_{metric}": LOW_LAYER for metric in ("fid", "kid", "isc", "prc")}
+    spec = {**spec, **layers, "reference_data": {"kind": "npz_images", "path": str(tmp_path / "reference.npz")}}
+    samples = detailed_images(4, NUM_FULL_RANK)
+    ctx = context(samples, tmp_path / "cache", spec)
+    fid, kid, isc = FID().compute(ctx), KID().compute(ctx), InceptionScore().compute(ctx)
+    precision, recall = Precision().compute(ctx), Recall().compute(ctx)
+
+    expected = torch_fidelity.calculate_metrics(
+        input1=UInt8ImageDataset(data_to_uint8_rgb(samples)), input2=UInt8ImageDataset(reference),
+        fid=True, kid=True, isc=True, prc=True, feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=str(weights), feature_layer_fid=LOW_LAYER, feature_layer_kid=LOW_LAYER,
+        feature_layer_isc=LOW_LAYER, feature_layer_prc=LOW_LAYER, kid_subset_size=NUM_FULL_RANK, cuda=False,
+        cache=False, save_cpu_ram=True, verbose=False)
+
+    features = fidelity.sample_features(ctx)[0][LOW_LAYER].double().numpy()
+    assert np.linalg.matrix_rank(np.cov(features, rowvar=False)) == 64  # the premise of the tolerance
+    assert fid.value > 0
+    assert fid.value == pytest.approx(expected["frechet_inception_distance"], rel=1e-6)
+    assert kid.value == pytest.approx(expected["kernel_inception_distance_mean"], rel=1e-6)
+    assert isc.value == pytest.approx(expected["inception_score_mean"], rel=1e-6)
+    assert precision.value == expected["precision"] and recall.value == expected["recall"]
+    for value in (fid, kid, isc, precision):
+        assert value.provenance["feature_layer"] == LOW_LAYER
+    assert fid.provenance["weights_file"] == str(weights)  # the configured path, not a library cache
+    reference_key = fidelity.load_reference_statistics(tmp_path / "cache", fidelity.fidelity_setup(spec, "m")).key
+    assert reference_key["layers"] == {"fid": LOW_LAYER, "kid": LOW_LAYER, "prc": LOW_LAYER}
+
+
+def test_feature_layer_must_be_one_the_extractor_provides(setup):
+    _, _, _, spec = setup
+    with pytest.raises(ConfigError, match=r"'m.feature_layer_fid': '4096' is not a layer of 'inception-v3-compat'; "
+                                          r"valid: 64, 192, 768, 2048"):
+        fidelity.fidelity_setup({**spec, "feature_layer_fid": "4096"}, "m")
+    default = fidelity.fidelity_setup(spec, "m")
+    low = fidelity.fidelity_setup({**spec, "feature_layer_fid": "768"}, "m")
+    # another layer is other statistics: its own cache file; the default's path is unchanged by the key
+    assert low.layers["fid"] == "768" and default.layers["fid"] == "2048"
+    assert fidelity.reference_statistics_path(Path("c"), low) != fidelity.reference_statistics_path(Path("c"), default)
+
+
 def test_precomputed_mu_sigma_give_the_same_fid_and_refuse_kid(setup, tmp_path):
     root, weights, reference, spec = setup
     cached = fidelity.load_reference_statistics(root / "cache", fidelity.fidelity_setup(spec, "tiny-cifar"))
@@ -128,7 +187,8 @@ def test_missing_weights_name_the_file_and_where_we_looked(tmp_path, monkeypatch
 
 
 def test_reference_statistics_rebuild_when_the_reference_file_changes(setup, tmp_path):
-    root, weights, reference, spec = setup
+    root, weights, _, spec = setup
+    reference = data_to_uint8_rgb(images(1, 14, shift=0.3))  # more than NUM: 12, then 14 of them
     np.savez(tmp_path / "ref.npz", images=reference[:12].numpy())  # [N, 3, H, W] layout this time
     spec = {**spec, "reference_data": {"kind": "npz_images", "path": str(tmp_path / "ref.npz")}}
     setup_ = fidelity.fidelity_setup(spec, "tiny-cifar")

@@ -30,6 +30,7 @@ class EvalContext:
     methods: dict[str, dict]  # methods.yaml (reference solutions name a method)
     cache_dir: Path
     device: str = "cpu"
+    latents: np.ndarray | None = None  # latent models: [S, *latent_shape] float32, the samples before decode
     _memo: dict = field(default_factory=dict)
 
     def memo(self, key: str, fn: Callable[[], Any]) -> Any:

@@ -69,10 +69,15 @@ def resize_clean(image_hwc: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
 
 
-def extract_features(images: torch.Tensor, weights_file: Path, device: str = "cpu",
-                     batch_size: int = BATCH_SIZE) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> float32 [N, 2048] clean-mode Inception features."""
-    model = load_model(weights_file, device)
+def extract_features(images: torch.Tensor, weights_file: Path | None, device: str = "cpu",
+                     batch_size: int = BATCH_SIZE, model: torch.nn.Module | None = None) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> float32 [N, D] clean-mode features: D = 2048 from Inception on `weights_file`,
+    or those of `model`, clean-fid's `custom_feat_extractor` contract (float [B, 3, 299, 299] in 0..255
+    -> [B, D]), so that the same network can be handed to compute_fid and here."""
+    if model is None:
+        if weights_file is None:
+            raise ValueError("extract_features needs weights_file or model")
+        model = load_model(weights_file, device)
     hwc = images.permute(0, 2, 3, 1).numpy()
     out = []
     with torch.no_grad():

@@ -51,6 +51,10 @@ TRACE_SQRT = "eigvalsh(B^T S1 B), S_ref = B B^T (stepbench frechet.py)"
 
 # --- what a model's metrics are computed with ---------------------------------------------------
 
+LAYER_METRICS = ("fid", "kid", "isc", "prc")  # models.yaml feature_layer_<metric>, torch-fidelity's kwarg names
+CLEANFID_LAYERS = {"fid": "2048", "kid": "2048", "prc": "2048"}
+
+
 @dataclass(frozen=True)
 class FidelitySetup:
     backend: str
@@ -58,12 +62,17 @@ class FidelitySetup:
     weights_config: str | None  # models.yaml feature_extractor_weights_path
     source: ReferenceSource
     bootstrap: BootstrapSpec
+    layer_overrides: tuple[tuple[str, str], ...] = ()  # (metric, layer) from models.yaml feature_layer_<metric>
+
+    @property
+    def default_layers(self) -> dict[str, str]:
+        if self.backend == "clean-fid":
+            return dict(CLEANFID_LAYERS)
+        return get_extractor(self.extractor).layers
 
     @property
     def layers(self) -> dict[str, str]:
-        if self.backend == "clean-fid":
-            return {"fid": "2048", "kid": "2048", "prc": "2048"}
-        return get_extractor(self.extractor).layers
+        return {**self.default_layers, **dict(self.layer_overrides)}
 
     @property
     def resize(self) -> str:
@@ -88,7 +97,33 @@ def fidelity_setup(model_spec: dict, model_id: str) -> FidelitySetup:
         extractor = model_spec["feature_extractor"]
         get_extractor(extractor)
     return FidelitySetup(backend, extractor, model_spec.get("feature_extractor_weights_path"),
-                         reference_source(model_spec, model_id), BootstrapSpec.from_model_spec(model_spec, model_id))
+                         reference_source(model_spec, model_id), BootstrapSpec.from_model_spec(model_spec, model_id),
+                         _layer_overrides(model_spec, model_id, backend, extractor))
+
+
+def _layer_overrides(model_spec: dict, model_id: str, backend: str, extractor: str) -> tuple[tuple[str, str], ...]:
+    """models.yaml feature_layer_<metric>: another layer of the extractor for that metric, as torch-fidelity's
+    calculate_metrics takes it (e.g. Inception's '64' or '768' for FID with fewer images than 2048)."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if backend == "clean-fid":
+        provided = ("2048",)  # clean-fid's network gives its pool features only
+    else:
+        provided = FEATURE_EXTRACTORS_REGISTRY[extractor].get_provided_features_list()
+    overrides = []
+    for metric in LAYER_METRICS:
+        key = f"feature_layer_{metric}"
+        if key not in model_spec:
+            continue
+        layer = str(model_spec[key])
+        if backend == "clean-fid" and metric == "isc":
+            raise ConfigError(f"models.yaml: key '{model_id}.{key}': the clean-fid backend has no classifier "
+                              "logits for is; remove the key or use fid_backend torch-fidelity")
+        if layer not in provided:
+            raise ConfigError(f"models.yaml: key '{model_id}.{key}': {layer!r} is not a layer of "
+                              f"{extractor!r}; valid: {', '.join(provided)}")
+        overrides.append((metric, layer))
+    return tuple(overrides)
 
 
 def default_setup(dataset: str, extractor: str) -> FidelitySetup:
@@ -253,7 +288,7 @@ def precision_recall_bootstrap(features_1: torch.Tensor, features_2: torch.Tenso
 
 @dataclass
 class ReferenceStatistics:
-    key: dict  # source, fingerprint, extractor, backend, weights_sha256, resize, num_images
+    key: dict  # source, fingerprint, extractor, backend, weights_sha256, resize, layers, num_images
     features: dict[str, torch.Tensor]  # the distribution layers of every reference image (none: npz_stats)
     fid: dict[str, np.ndarray]  # mu, sigma (float64) of the FID layer
     factor: torch.Tensor  # B with B B^T = sigma: FID's trace term without a D x D eigenproblem per cell
@@ -268,10 +303,14 @@ def reference_statistics_path(cache_dir: Path, source: FidelitySetup | str, extr
     """Computable from the config alone: the weights' content is checked inside the file, not named here."""
     setup = _as_setup(source, extractor)
     folder = Path(cache_dir) / "refstats"
-    if setup.source.kind == "embedded" and setup.backend == "torch-fidelity" and setup.weights_config is None:
+    overridden = _reference_layers(setup) != _reference_layers(setup, default=True)
+    if (setup.source.kind == "embedded" and setup.backend == "torch-fidelity" and setup.weights_config is None
+            and not overridden):
         return folder / f"{setup.source.name}-{setup.extractor}.npz"
     naming = {"source": setup.source.describe(), "extractor": setup.extractor, "backend": setup.backend,
               "weights": setup.weights_config}
+    if overridden:  # only then: the paths of existing configs (planned by Snakemake) stay as they were
+        naming["layers"] = _reference_layers(setup)
     digest = hashlib.sha256(json.dumps(naming, sort_keys=True).encode()).hexdigest()[:12]
     return folder / f"{setup.source.label()}-{setup.extractor}-{digest}.npz"
 
@@ -283,10 +322,16 @@ def build_reference_statistics(cache_dir: Path, source: FidelitySetup | str, ext
     return reference_statistics_path(cache_dir, setup)
 
 
+def _reference_layers(setup: FidelitySetup, default: bool = False) -> dict[str, str]:
+    """The layers a reference file holds: FID's statistics, KID's and precision/recall's features."""
+    layers = setup.default_layers if default else setup.layers
+    return {m: layers[m] for m in ("fid", "kid", "prc")}
+
+
 def _wanted_key(setup: FidelitySetup, weights: Path) -> dict:
     return {"source": setup.source.describe(), "fingerprint": setup.source.fingerprint(),
             "extractor": setup.extractor, "backend": setup.backend, "weights_sha256": file_sha256(weights),
-            "resize": setup.resize}
+            "resize": setup.resize, "layers": _reference_layers(setup)}
 
 
 def load_reference_statistics(cache_dir: Path, source: FidelitySetup | str, extractor: str | None = None,
@@ -312,7 +357,7 @@ def compute_reference_statistics(setup: FidelitySetup, weights: Path, device: st
         key["num_images"] = None  # EDM's files do not record it
     else:
         images = load_reference_images(setup.source)
-        layers = sorted({setup.layers[m] for m in ("fid", "kid", "prc")})
+        layers = sorted(set(_reference_layers(setup).values()))
         features = setup_features(images, setup, weights, layers, device)
         fid = fid_statistics(features[setup.layers["fid"]])
         key["num_images"] = len(images)

@@ -8,10 +8,10 @@ from harness import references
 from harness.metrics.base import EvalContext, Metric, MetricValue
 
 
-def _reference(ctx: EvalContext, kind: str) -> tuple[np.ndarray, str]:
+def _reference(ctx: EvalContext, kind: str, array: str = "samples") -> tuple[np.ndarray, str]:
     cell = ctx.cell
     args = (ctx.cache_dir, cell["model"], ctx.model_spec, kind, cell["seed"], cell["num_samples"], ctx.methods)
-    ref = references.load_or_compute(*args, device=ctx.device)
+    ref = references.load_or_compute(*args, device=ctx.device, array=array)
     return ref, references.reference_path(*args).name
 
 
@@ -33,12 +33,15 @@ class ExactError(Metric):
 
 
 class MSEToReference(Metric):
-    """Mean squared error per dimension against the high-NFE reference solution."""
+    """Mean squared error per dimension against the high-NFE reference solution; for latent models in
+    the latent space the solver works in, so a decoder's own error and scale do not enter."""
 
     name = "mse_ref"
 
     def compute(self, ctx: EvalContext) -> MetricValue:
-        ref, ref_name = _reference(ctx, "solver")
-        dims = int(np.prod(ctx.samples.shape[1:]))
-        value = float(_per_sample_sq_err(ctx.samples, ref).mean() / dims)
-        return MetricValue(value, provenance={"reference": ref_name, **ctx.model_spec["reference"]})
+        space = "data" if ctx.latents is None else "latent"
+        samples = ctx.samples if ctx.latents is None else ctx.latents
+        ref, ref_name = _reference(ctx, "solver", "samples" if ctx.latents is None else "latents")
+        dims = int(np.prod(samples.shape[1:]))
+        value = float(_per_sample_sq_err(samples, ref).mean() / dims)
+        return MetricValue(value, provenance={"reference": ref_name, "space": space, **ctx.model_spec["reference"]})
