@@ -12,7 +12,7 @@ import torch
 from harness.datasets import load_dataset
 from harness.errors import ConfigError
 from harness.metrics.base import EvalContext
-from harness.metrics.bootstrap import BootstrapSpec, percentile_interval, resample_indices
+from harness.metrics.bootstrap import BootstrapSpec, bootstrap_interval, percentile_interval, resample_indices
 from harness.metrics.fidelity import FID, KID, InceptionScore, Precision, Recall
 
 METRICS = (FID, KID, InceptionScore, Precision, Recall)
@@ -71,9 +71,22 @@ def test_evaluate_writes_intervals_to_metrics_json(cache_dir, tmp_path):
     np.savez(tmp_path / "samples.npz", samples=noisy_digits(200))
     (tmp_path / "cell.json").write_text(json.dumps({"model": "digits-ideal", "status": "ok"}))
     spec = {"dataset": "digits", "feature_extractor": "digits-cnn", "bootstrap": {"resamples": 10}}
-    out = evaluate_cell(tmp_path, spec, {}, ["fid", "recall"], cache_dir)
+    out = evaluate_cell(tmp_path, spec, {}, ["fid", "kid", "is", "precision", "recall"], cache_dir)
     written = json.loads((tmp_path / "metrics.json").read_text())
-    for name in ("fid", "recall"):
+    for name in ("fid", "kid", "is", "precision", "recall"):  # each interval holds the value it qualifies
         low, high = written["ci"][name]
-        assert low < high and out["ci"][name] == [low, high]
-        assert written["provenance"][name]["reference"]["stats_sha256"]
+        assert low < written[name] < high and out["ci"][name] == [low, high]
+        if name != "is":  # IS needs no reference data
+            assert written["provenance"][name]["reference"]["stats_sha256"]
+
+
+def test_interval_is_centred_on_the_estimate_even_for_a_biased_statistic():
+    # The largest value of a resample is biased low (duplicates hide the top); a plain percentile
+    # interval of it can lie wholly below the estimate. The corrected interval keeps the estimate.
+    values = np.random.default_rng(0).standard_normal(400)
+    estimate = float(values.max())
+    spec = BootstrapSpec(resamples=200, confidence=0.9, seed=1)
+    low, high = bootstrap_interval(lambda i: float(values[i.numpy()].max()), len(values), spec, estimate)
+    raw = percentile_interval(np.array([values[i.numpy()].max() for i in resample_indices(len(values), spec)]), 0.9)
+    assert raw[1] <= estimate + 1e-12  # the uncorrected interval never rises above the estimate
+    assert low < estimate < high

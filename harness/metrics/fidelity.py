@@ -216,7 +216,7 @@ def kernel_distance(features_1: torch.Tensor, features_2: torch.Tensor) -> tuple
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
 
 
-def kid_bootstrap(features_1: torch.Tensor, features_2: torch.Tensor,
+def kid_bootstrap(features_1: torch.Tensor, features_2: torch.Tensor, estimate: float,
                   spec: BootstrapSpec) -> tuple[float, float] | None:
     """Interval of KID over resampled samples, from kernel matrices computed once.
 
@@ -236,7 +236,7 @@ def kid_bootstrap(features_1: torch.Tensor, features_2: torch.Tensor,
         distinct = indices[:, None] != indices[None, :]
         return float(k_xx[indices][:, indices][distinct].mean()) + term_yy - 2.0 * float(k_xy[indices].mean())
 
-    return bootstrap_interval(mmd2, len(x), spec)
+    return bootstrap_interval(mmd2, len(x), spec, estimate)
 
 
 def inception_score(logits: torch.Tensor) -> tuple[float, float]:
@@ -256,7 +256,7 @@ def precision_recall(features_1: torch.Tensor, features_2: torch.Tensor) -> tupl
     return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
 
 
-def precision_recall_bootstrap(features_1: torch.Tensor, features_2: torch.Tensor,
+def precision_recall_bootstrap(features_1: torch.Tensor, features_2: torch.Tensor, estimates: tuple[float, float],
                                spec: BootstrapSpec) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
     """Intervals for precision and recall over resampled samples.
 
@@ -280,8 +280,8 @@ def precision_recall_bootstrap(features_1: torch.Tensor, features_2: torch.Tenso
         radius = gen_to_gen[distinct][:, distinct].kthvalue(k + 1, dim=1).values
         return float((real_to_gen[:, distinct] <= radius).any(dim=1).double().mean())
 
-    return (bootstrap_interval(lambda i: float(inside_real[i].mean()), len(x), spec),
-            bootstrap_interval(recall, len(x), spec))
+    return (bootstrap_interval(lambda i: float(inside_real[i].mean()), len(x), spec, estimates[0]),
+            bootstrap_interval(recall, len(x), spec, estimates[1]))
 
 
 # --- reference statistics (cached per source, extractor and backend) -----------------------------
@@ -458,7 +458,9 @@ class FID(Metric):
         samples = features[setup.layer("fid")]
         value = fid_from_features(samples, reference, ctx.device)
         interval = bootstrap_interval(lambda i: fid_from_features(samples[i], reference, ctx.device),
-                                      len(samples), setup.bootstrap)
+                                      len(samples), setup.bootstrap, value)
+        if interval is not None:  # a distance: the corrected lower end cannot go below 0
+            interval = (max(interval[0], 0.0), interval[1])
         return _value(value, interval, {**provenance, "feature_layer": setup.layer("fid"), "reference": ref_provenance,
                                         "trace_sqrt": TRACE_SQRT, "bootstrap": setup.bootstrap.provenance()})
 
@@ -474,7 +476,7 @@ class KID(Metric):
         layer = setup.layer("kid")
         samples, ref = features[layer], _reference_features(reference, layer, "kid")
         mean, std = kernel_distance(samples, ref)
-        interval = kid_bootstrap(samples, ref, setup.bootstrap)
+        interval = kid_bootstrap(samples, ref, mean, setup.bootstrap)
         return _value(mean, interval, {
             **provenance, "feature_layer": layer, "reference": ref_provenance, "std": std, "subsets": KID_SUBSETS,
             "subset_size": kid_subset_size(len(samples), len(ref)), "rng_seed": RNG_SEED,
@@ -494,7 +496,7 @@ class InceptionScore(Metric):
         features, provenance = sample_features(ctx)
         logits = features[layer]
         mean, std = inception_score(logits)
-        interval = bootstrap_interval(lambda i: inception_score(logits[i])[0], len(logits), setup.bootstrap)
+        interval = bootstrap_interval(lambda i: inception_score(logits[i])[0], len(logits), setup.bootstrap, mean)
         return _value(mean, interval, {**provenance, "feature_layer": layer, "std": std, "splits": ISC_SPLITS,
                                        "rng_seed": RNG_SEED, "bootstrap": setup.bootstrap.provenance()})
 
@@ -507,7 +509,7 @@ def _precision_recall(ctx: EvalContext) -> dict:
     def compute():
         samples, ref = features[layer], _reference_features(reference, layer, "precision/recall")
         precision, recall = precision_recall(samples, ref)
-        intervals = precision_recall_bootstrap(samples, ref, setup.bootstrap)
+        intervals = precision_recall_bootstrap(samples, ref, (precision, recall), setup.bootstrap)
         common = {**provenance, "feature_layer": layer, "reference": ref_provenance, "neighborhood": PRC_NEIGHBORHOOD,
                   "estimator": "torch-fidelity prc_features_to_metric", "bootstrap": setup.bootstrap.provenance()}
         return {"precision": _value(precision, intervals[0], common),

@@ -17,11 +17,10 @@ import numpy as np
 import torch
 
 from harness.errors import ConfigError, StepbenchError
+from harness.metrics.bootstrap import BootstrapSpec
+from harness.metrics.bootstrap import bootstrap_interval as _bootstrap
 
-BOOTSTRAP_RESAMPLES = 1000
-BOOTSTRAP_LEVEL = 0.95
-BOOTSTRAP_SEED = 0
-_BOOTSTRAP_CHUNK = 100  # resamples drawn at once: bounds memory at 100 x S indices
+BOOTSTRAP = BootstrapSpec(resamples=1000, confidence=0.95, seed=0)  # a mean of per-sample scores is cheap
 
 
 # --- prompts ---------------------------------------------------------------------------------------
@@ -66,25 +65,16 @@ def clip_score_from_cosine(cosine: torch.Tensor) -> torch.Tensor:
     return 100.0 * cosine.clamp(min=0.0)
 
 
-def bootstrap_interval(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, level: float = BOOTSTRAP_LEVEL,
-                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of per-sample values (fixed seed: reruns agree)."""
+def bootstrap_interval(values: np.ndarray) -> tuple[float, float]:
+    """Bootstrap interval of the mean of per-sample values (the harness's one bootstrap, fixed seed)."""
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1 or len(values) == 0:
         raise ValueError(f"bootstrap needs a non-empty 1-D array; got shape {values.shape}")
-    rng = np.random.default_rng(seed)
-    means = []
-    for start in range(0, resamples, _BOOTSTRAP_CHUNK):
-        index = rng.integers(0, len(values), size=(min(_BOOTSTRAP_CHUNK, resamples - start), len(values)))
-        means.append(values[index].mean(axis=1))
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(np.concatenate(means), [alpha, 1.0 - alpha])
-    return float(low), float(high)
+    return _bootstrap(lambda index: float(values[index.numpy()].mean()), len(values), BOOTSTRAP, float(values.mean()))
 
 
 def bootstrap_provenance() -> dict:
-    return {"ci": "percentile bootstrap of the mean over samples", "ci_resamples": BOOTSTRAP_RESAMPLES,
-            "ci_level": BOOTSTRAP_LEVEL, "ci_seed": BOOTSTRAP_SEED}
+    return {**BOOTSTRAP.provenance(), "statistic": "mean over samples"}
 
 
 # --- weights without surprises -----------------------------------------------------------------------

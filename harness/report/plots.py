@@ -49,7 +49,9 @@ def _plot(points: pd.DataFrame, layout: ModelLayout, metric: str, styles: dict, 
         if line.empty:
             continue
         colour, marker = styles[method]
-        below, above = (line["value"] - line["ci_low"]).fillna(0), (line["ci_high"] - line["value"]).fillna(0)
+        # clip: an interval over seeds or resamples need not contain the value on both sides
+        below = (line["value"] - line["ci_low"]).fillna(0).clip(lower=0)
+        above = (line["ci_high"] - line["value"]).fillna(0).clip(lower=0)
         ax.errorbar(line["nfe"].astype(int), line["value"], yerr=[below, above], color=colour, marker=marker,
                     capsize=3, label=method)
     # Errors shrink by orders of magnitude as NFE grows: a log axis shows convergence orders as slopes.
