@@ -13,8 +13,7 @@ import math
 import torch
 
 from harness.methods.lms import lagrange_basis
-from harness.methods.solver_base import solver
-from harness.methods.solvers import combine
+from harness.methods.solver_base import combine, solver
 
 
 def _log_rho_integrals(log_nodes: list[float], rho_from: float, rho_to: float) -> list[float]:

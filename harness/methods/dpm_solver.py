@@ -17,8 +17,7 @@ import math
 
 import torch
 
-from harness.methods.solver_base import NFERule, solver
-from harness.methods.solvers import combine
+from harness.methods.solver_base import NFERule, combine, solver
 
 
 def _eps(model, x, sigma):

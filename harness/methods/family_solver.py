@@ -5,13 +5,11 @@ from __future__ import annotations
 import torch
 
 from harness.errors import ConfigError
-from harness.methods import solvers  # noqa: F401  (registers the solvers)
-from harness.methods import teleport  # noqa: F401  (Gaussian teleportation)
-from harness.methods import dualfast  # noqa: F401  (DualFast)
-from harness.methods import schedule_search  # noqa: F401  (AutoDiffusion, USF searches)
-from harness.methods import dmcmc  # noqa: F401  (Denoising MCMC)
-from harness.methods import dc_solver, dpm_solver_v3, momentum, time_shift  # noqa: F401  (seed papers)
+# Importing a solver module registers its solvers.
+from harness.methods import solvers  # noqa: F401  (euler, heun, dpmpp_2m)
 from harness.methods import ancestral, deis, dpm_solver, lms, pndm, unipc  # noqa: F401  (the solver zoo)
+from harness.methods import dc_solver, dmcmc, dpm_solver_v3, dualfast, momentum  # noqa: F401  (seed papers)
+from harness.methods import schedule_search, teleport, time_shift  # noqa: F401  (seed papers)
 from harness.methods.base import Sampler
 from harness.methods.solver_base import SOLVERS
 from harness.schedules import sigma_grid

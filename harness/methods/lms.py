@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.methods.solver_base import solver
-from harness.methods.solvers import combine
+from harness.methods.solver_base import combine, solver
 
 
 def lagrange_basis(nodes: list[float], j: int) -> list[float]:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.methods.solver_base import NFERule, solver
-from harness.methods.solvers import combine
+from harness.methods.solver_base import NFERule, combine, solver
 
 # Adams-Bashforth weights for 1..4 past values, newest first
 ADAMS_BASHFORTH = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))

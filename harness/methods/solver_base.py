@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from harness.errors import UnsupportedNFE
 
 # ---- NFE rules: how many network evaluations a solver spends for a number of steps ----
@@ -80,3 +82,17 @@ def solver(name: str, order: int, nfe: NFERule = NFERule(), prepare: Callable | 
     return wrap
 
 
+# ---- arithmetic shared by the solvers ----
+
+
+def combine(terms):
+    """sum(c * t for c, t in terms) for float weights c (two terms or more), into one new tensor.
+
+    Per term one fused multiply-add kernel (add_ with alpha) instead of a multiply, an add and a
+    temporary each; solvers fold their update into one weight per tensor to use it.
+    """
+    (c0, t0), (c1, t1), *rest = terms
+    out = torch.add(t0, t1, alpha=c1) if c0 == 1 else torch.mul(t0, c0).add_(t1, alpha=c1)
+    for c, t in rest:
+        out.add_(t, alpha=c)
+    return out

@@ -8,24 +8,6 @@ import torch
 
 from harness.methods.solver_base import NFERule, solver
 
-# ---- shared by the solver zoo ----
-
-
-def combine(terms):
-    """sum(c * t for c, t in terms) for float weights c (two terms or more), into one new tensor.
-
-    Per term one fused multiply-add kernel (add_ with alpha) instead of a multiply, an add and a
-    temporary each; solvers fold their update into one weight per tensor to use it.
-    """
-    (c0, t0), (c1, t1), *rest = terms
-    out = torch.add(t0, t1, alpha=c1) if c0 == 1 else torch.mul(t0, c0).add_(t1, alpha=c1)
-    for c, t in rest:
-        out.add_(t, alpha=c)
-    return out
-
-
-# ---- the solvers ----
-
 
 @solver("euler", order=1)
 def euler(model, x, sigmas, noise=None):

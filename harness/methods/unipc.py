@@ -13,8 +13,7 @@ import math
 
 import numpy as np
 
-from harness.methods.solver_base import solver
-from harness.methods.solvers import combine
+from harness.methods.solver_base import combine, solver
 
 VARIANTS = ("bh1", "bh2")
 
