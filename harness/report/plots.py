@@ -42,7 +42,7 @@ def write_plots(results: pd.DataFrame, layouts: list[ModelLayout], plots_dir: Pa
 
 
 def _plot(points: pd.DataFrame, layout: ModelLayout, metric: str, styles: dict, path: Path) -> None:
-    fig = Figure(figsize=(5.5, 3.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(5.5 + (1.6 if len(layout.methods) <= 14 else 3.2), 3.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     for method in layout.methods:
         line = points[points["method"] == method].sort_values("nfe")
@@ -68,5 +68,6 @@ def _plot(points: pd.DataFrame, layout: ModelLayout, metric: str, styles: dict, 
     ax.set_ylabel(metric)
     ax.set_title(f"{layout.model}: {metric} ({direction_label(metric)})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    # beside the axes, so a long list of methods never hides the lines
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=1 if len(layout.methods) <= 14 else 2)
     fig.savefig(path, format="png", metadata={"Software": None})
