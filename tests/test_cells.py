@@ -30,8 +30,9 @@ def _cell(tmp_path, name, model="digits-ideal", method="dpmpp_2m", nfe=8, n=40, 
 
 
 @pytest.mark.parametrize("model", ["gmm2d", "digits-ideal"])
-@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m"])
+@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m", "euler_ancestral", "sde_dpmpp_2m"])
 def test_samples_byte_identical_across_runs_and_batch_sizes(tmp_path, model, method):
+    # the stochastic solvers draw their step noise from the per-sample generators too
     runs = [_cell(tmp_path, f"b{b}-{i}", model, method, nfe=9, batch=b) for i, b in enumerate([40, 40, 7, 1])]
     arrays = [np.load(r / "samples.npz")["samples"] for r in runs]
     assert arrays[0].dtype == np.float32 and arrays[0].shape[0] == 40
