@@ -18,6 +18,7 @@ import torch
 from harness.config import load_models
 from harness.methods import make_sampler
 from harness.methods.family_solver import SOLVERS
+from harness.metrics.reference import rms_distance
 from harness.models import load_denoiser
 from harness.noise import SampleNoise
 from harness.references import exact_solution
@@ -61,10 +62,6 @@ def budgets(name: str, targets=TARGET_NFES) -> list[int]:
     return nfes
 
 
-def exact_err(samples: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.sum((samples - exact) ** 2, axis=1))))
-
-
 def measure(problem: Problem, name: str, targets=TARGET_NFES) -> Convergence:
     sampler = make_sampler({"family": "solver", "solver": name, "schedule": SCHEDULE})
     nfes = budgets(name, targets)
@@ -74,7 +71,7 @@ def measure(problem: Problem, name: str, targets=TARGET_NFES) -> Convergence:
         noise = SampleNoise(problem.seed, range(len(problem.exact)))
         start = noise.randn(problem.denoiser.info.data_shape, dtype=torch.float64)
         samples = sampler.sample(problem.denoiser, start, nfe, None, noise)
-        errors.append(exact_err(samples.numpy(), problem.exact))
+        errors.append(rms_distance(samples.numpy(), problem.exact))
     slope = np.polyfit(np.log(nfes), np.log(errors), 1)[0]
     return Convergence(name, nfes, errors, float(-slope), SOLVERS[name].order)
 

@@ -64,18 +64,26 @@ def context(samples: np.ndarray, cache_dir: Path, spec: dict) -> EvalContext:
                        methods={}, cache_dir=cache_dir)
 
 
+def stepbench_metrics(ctx: EvalContext):
+    """FID, KID, IS, precision, recall as `stepbench evaluate` computes them."""
+    return tuple(cls().compute(ctx) for cls in (FID, KID, InceptionScore, Precision, Recall))
+
+
+def torch_fidelity_metrics(samples: np.ndarray, reference: torch.Tensor, weights: Path, **options) -> dict:
+    """The same five from torch-fidelity's calculate_metrics on the same images and weights file."""
+    return torch_fidelity.calculate_metrics(
+        input1=UInt8ImageDataset(data_to_uint8_rgb(samples)), input2=UInt8ImageDataset(reference),
+        fid=True, kid=True, isc=True, prc=True, feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=str(weights), cuda=False, cache=False, save_cpu_ram=True, verbose=False,
+        **options)
+
+
 def test_inception_metrics_equal_torch_fidelity_calculate_metrics(setup):
     root, weights, reference, spec = setup
     samples = images(2)
     ctx = context(samples, root / "cache", spec)
-    fid, kid, isc = FID().compute(ctx), KID().compute(ctx), InceptionScore().compute(ctx)
-    precision, recall = Precision().compute(ctx), Recall().compute(ctx)
-
-    expected = torch_fidelity.calculate_metrics(
-        input1=UInt8ImageDataset(data_to_uint8_rgb(samples)), input2=UInt8ImageDataset(reference),
-        fid=True, kid=True, isc=True, prc=True, feature_extractor="inception-v3-compat",
-        feature_extractor_weights_path=str(weights), kid_subset_size=NUM, cuda=False, cache=False,
-        save_cpu_ram=True, verbose=False)
+    fid, kid, isc, precision, recall = stepbench_metrics(ctx)
+    expected = torch_fidelity_metrics(samples, reference, weights, kid_subset_size=NUM)
 
     assert fid.value > 0
     # 12 samples give rank-11 covariances in 2048-d; torch-fidelity's eigvals(S1 S2) then turns ~2000
@@ -121,15 +129,9 @@ def test_full_rank_inception_layer_metrics_equal_torch_fidelity_to_1e6(setup, tm
     spec = {**spec, **layers, "reference_data": {"kind": "npz_images", "path": str(tmp_path / "reference.npz")}}
     samples = detailed_images(4, NUM_FULL_RANK)
     ctx = context(samples, tmp_path / "cache", spec)
-    fid, kid, isc = FID().compute(ctx), KID().compute(ctx), InceptionScore().compute(ctx)
-    precision, recall = Precision().compute(ctx), Recall().compute(ctx)
-
-    expected = torch_fidelity.calculate_metrics(
-        input1=UInt8ImageDataset(data_to_uint8_rgb(samples)), input2=UInt8ImageDataset(reference),
-        fid=True, kid=True, isc=True, prc=True, feature_extractor="inception-v3-compat",
-        feature_extractor_weights_path=str(weights), feature_layer_fid=LOW_LAYER, feature_layer_kid=LOW_LAYER,
-        feature_layer_isc=LOW_LAYER, feature_layer_prc=LOW_LAYER, kid_subset_size=NUM_FULL_RANK, cuda=False,
-        cache=False, save_cpu_ram=True, verbose=False)
+    fid, kid, isc, precision, recall = stepbench_metrics(ctx)
+    expected = torch_fidelity_metrics(samples, reference, weights, kid_subset_size=NUM_FULL_RANK,
+                                      **{f"feature_layer_{metric}": LOW_LAYER for metric in ("fid", "kid", "isc", "prc")})
 
     features = fidelity.sample_features(ctx)[0][LOW_LAYER].double().numpy()
     assert np.linalg.matrix_rank(np.cov(features, rowvar=False)) == 64  # the premise of the tolerance

@@ -25,6 +25,7 @@ from harness.methods.momentum import dpmpp_2m_hb, plms_ghvb, plms_hb
 from harness.methods.solvers import dpmpp_2m, euler
 from harness.methods.time_shift import training_time_steps, ts_dpm
 from harness.methods.unipc import unipc
+from harness.metrics.reference import rms_distance
 from harness.models import load_denoiser
 from harness.references import exact_solution
 
@@ -69,11 +70,6 @@ def run(denoisers, model_id, method_spec, nfe, num_samples, cache_dir, batch_siz
     return generate(denoisers[model_id], sampler, nfe, 0, num_samples, batch_size or num_samples)
 
 
-def exact_err(samples, exact_samples):
-    diff = samples.reshape(len(samples), -1) - exact_samples.reshape(len(exact_samples), -1)
-    return float(np.sqrt(np.mean(np.sum(diff**2, axis=1))))
-
-
 @pytest.mark.parametrize("model_id", ["gmm2d", "digits-ideal"])
 @pytest.mark.parametrize("method_id", list(METHODS))
 def test_nfe_audited_and_batch_independent(denoisers, tmp_path, model_id, method_id):
@@ -89,7 +85,7 @@ def test_converges_to_exact_solution(denoisers, exact, tmp_path, method_id):
     method_spec = METHODS[method_id]
     if method_id == "dpm_solver_v3":
         method_spec = spec("dpm_solver_v3", {"kind": "logsnr_uniform"})  # default calibration
-    errors = [exact_err(run(denoisers, "gmm2d", method_spec, nfe, 200, tmp_path).samples, exact["gmm2d"])
+    errors = [rms_distance(run(denoisers, "gmm2d", method_spec, nfe, 200, tmp_path).samples, exact["gmm2d"])
               for nfe in (10, 40)]
     assert errors[1] < 0.5 * errors[0] and errors[1] < 0.05, errors
 
@@ -108,7 +104,7 @@ def test_time_shift_off_is_ddim_and_dpm_solver_2_converges(denoisers, exact, tmp
     x_gmm = torch.randn(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 80.0
     shifted = ts_dpm(gmm, x_gmm, gmm_sigmas, prepared=training_time_steps(gmm, None, 0), order=1, cutoff=0)
     assert not torch.allclose(shifted, euler(gmm, x_gmm, gmm_sigmas))
-    errors = [exact_err(run(denoisers, "gmm2d", spec("ts_dpm", cutoff=never), nfe, 200, tmp_path).samples,
+    errors = [rms_distance(run(denoisers, "gmm2d", spec("ts_dpm", cutoff=never), nfe, 200, tmp_path).samples,
                         exact["gmm2d"]) for nfe in (10, 40)]
     assert errors[1] < 0.25 * errors[0] and errors[1] < 0.02, errors
 
@@ -159,6 +155,6 @@ def test_dpm_solver_v3_with_degenerate_statistics_is_dpm_solver_pp(denoisers):
 )
 def test_beats_base_solver_at_low_nfe(denoisers, exact, tmp_path, model_id, method_spec, base_spec, nfe):
     n = len(exact[model_id])
-    method_err = exact_err(run(denoisers, model_id, method_spec, nfe, n, tmp_path).samples, exact[model_id])
-    base_err = exact_err(run(denoisers, model_id, base_spec, nfe, n, tmp_path).samples, exact[model_id])
+    method_err = rms_distance(run(denoisers, model_id, method_spec, nfe, n, tmp_path).samples, exact[model_id])
+    base_err = rms_distance(run(denoisers, model_id, base_spec, nfe, n, tmp_path).samples, exact[model_id])
     assert method_err < base_err, (method_err, base_err)

@@ -21,6 +21,7 @@ from harness.methods.dmcmc import _rowwise_schedules, _solve_rowwise
 from harness.methods.schedule_search import usf_solve
 from harness.methods.solver_base import SOLVERS
 from harness.methods.teleport import gaussian_flow, restart_schedule
+from harness.metrics.reference import rms_distance
 from harness.models import load_denoiser
 from harness.references import exact_solution
 
@@ -52,11 +53,6 @@ def _generate(models, denoisers, model_id, method_id, spec, nfe, num, batch, cac
         prepared.prepare(sampler, cache, model_id, models[model_id], method_id, spec, nfe)
         prepared.load(sampler, cache, model_id, models[model_id], method_id, spec, nfe)
     return generate(denoisers[model_id], sampler, nfe, 0, num, batch)
-
-
-def _rms(samples, reference):
-    diff = samples.reshape(len(samples), -1).astype(np.float64) - reference.reshape(len(reference), -1)
-    return float(np.sqrt((diff**2).sum(1).mean()))
 
 
 @pytest.mark.parametrize("model_id", ["gmm2d", "digits-ideal"])
@@ -173,7 +169,7 @@ def test_beats_its_base_solver_on_gmm2d(models, denoisers, gmm_exact, tmp_path, 
     ours = _generate(models, denoisers, "gmm2d", method_id, spec, nfe, CLAIM_SAMPLES, CLAIM_SAMPLES, tmp_path)
     theirs = _generate(models, denoisers, "gmm2d", base, {"family": "solver", "solver": base}, nfe, CLAIM_SAMPLES,
                        CLAIM_SAMPLES, tmp_path)
-    assert _rms(ours.samples, gmm_exact) < _rms(theirs.samples, gmm_exact)
+    assert rms_distance(ours.samples, gmm_exact) < rms_distance(theirs.samples, gmm_exact)
 
 
 def _energy_distance(x: np.ndarray, y: np.ndarray) -> float:
