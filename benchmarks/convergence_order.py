@@ -4,7 +4,7 @@ For each solver: exact_err (RMS over samples of the Euclidean distance to the ex
 from the same noise) at NFE about 20, 40 and 80, and the order measured as minus the slope of
 log exact_err against log NFE, next to the solver's theoretical order.
 
-    python benchmarks/convergence_order.py [--samples 1000] [--models-file models.yaml] [SOLVER ...]
+    python benchmarks/convergence_order.py [SOLVER ...] [--samples 1000] [--nfe 20 40 80 160 320]
 """
 
 from __future__ import annotations
@@ -76,21 +76,30 @@ def measure(problem: Problem, name: str, targets=TARGET_NFES) -> Convergence:
     return Convergence(name, nfes, errors, float(-slope), SOLVERS[name].order)
 
 
+def local_orders(c: Convergence) -> list[float]:
+    """The order between each pair of neighbouring budgets: -d log exact_err / d log NFE."""
+    logs = np.log(c.nfes), np.log(c.errors)
+    return list(-np.diff(logs[1]) / np.diff(logs[0]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("solvers", nargs="*", default=list(DEFAULT_SOLVERS), help="solver names (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--models-file", default="models.yaml")
-    parser.add_argument("--nfe", type=int, nargs=3, default=list(TARGET_NFES), help="target NFEs (default: %(default)s)")
+    parser.add_argument("--nfe", type=int, nargs="+", default=list(TARGET_NFES),
+                        help="target NFEs, two or more (default: %(default)s); with more than three, the local orders "
+                             "between neighbours show where each solver reaches its asymptotic order")
     args = parser.parse_args()
 
     problem = make_problem(args.samples, models_file=args.models_file)
     print(f"gmm2d ({problem.denoiser.process.kind} process), {args.samples} samples, EDM rho=7 steps")
-    print(f"{'solver':<16}{'theory':>7}{'measured':>10}   exact_err at NFE")
+    print(f"{'solver':<16}{'theory':>7}{'measured':>10}   exact_err at NFE   | local orders")
     for name in args.solvers:
         c = measure(problem, name, args.nfe)
         errs = "  ".join(f"{n}: {e:.3e}" for n, e in zip(c.nfes, c.errors))
-        print(f"{c.solver:<16}{c.theory:>7}{c.order:>10.2f}   {errs}")
+        local = " ".join(f"{o:.2f}" for o in local_orders(c))
+        print(f"{c.solver:<16}{c.theory:>7}{c.order:>10.2f}   {errs}   | {local}")
 
 
 if __name__ == "__main__":
