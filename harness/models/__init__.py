@@ -9,6 +9,7 @@ from harness.registry import Registry
 MODELS: Registry = Registry("model adapter", "harness.models.base:Denoiser")
 MODELS.add("gmm2d", "harness.models.analytic:GaussianMixture")
 MODELS.add("digits_ideal", "harness.models.analytic:IdealDenoiser")
+MODELS.add("diffusers_unet", "harness.models.diffusers_unet:DiffusersUNet")
 
 
 def resolve_device(device: str | None) -> str:

@@ -1,0 +1,136 @@
+"""Pixel-space UNet checkpoints in diffusers' format (DDPM, iDDPM, ...): models.yaml `adapter: diffusers_unet`.
+
+`source` is a hub id (e.g. google/ddpm-cifar10-32) read from the Hugging Face cache, never downloaded
+at run time (parallel jobs would race, cluster nodes are often offline; fetch it once with
+`huggingface-cli download`), or a local folder written by save_pretrained: a pipeline folder
+(model_index.json, unet/, scheduler/) or a bare model folder (config.json and weights, with
+scheduler_config.json beside them).
+
+The noise process is the one models.yaml states, and it must agree with the checkpoint's scheduler
+config: a benchmark that silently re-read the betas could compare two models under one name. The
+prediction type (epsilon, v_prediction, sample) comes from that config; `params.prediction` may
+state it too and is then checked. Networks with a learned variance (out_channels = 2 x in_channels,
+iDDPM) give their first half, the mean's prediction.
+
+    params: {subfolder: unet, dtype: float32 | float16 | bfloat16 | float64, prediction: eps | v | x0,
+             cache_dir: the Hugging Face cache to read (default: HF_HUB_CACHE / ~/.cache/huggingface/hub)}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from harness.errors import ConfigError, StepbenchError
+from harness.models.base import DenoiserInfo, NetworkDenoiser
+from harness.schedules import VPDiscrete, make_process
+
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class DiffusersUNet(NetworkDenoiser):
+    @classmethod
+    def from_config(cls, spec: dict, device: torch.device) -> "DiffusersUNet":
+        params = spec.get("params", {})
+        source = spec.get("source")
+        if not source:
+            raise ConfigError("adapter diffusers_unet needs `source`: a hub id or a local folder")
+        dtype = _dtype(params.get("dtype", "float32"))
+        subfolder, cache_dir = params.get("subfolder"), params.get("cache_dir")
+        unet = _load_unet(source, [subfolder] if subfolder else ["unet", None], dtype, cache_dir).to(device).eval()
+        scheduler_config = _load_scheduler_config(source, ["scheduler", None], cache_dir)
+
+        process = make_process(spec["process"])
+        _check_process(source, process, scheduler_config)
+        prediction = _prediction(source, scheduler_config, params.get("prediction"))
+        size = unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        channels = unet.config.in_channels
+        info = DenoiserInfo(
+            data_shape=(channels, height, width),
+            data_range=(-1.0, 1.0),
+            prediction=prediction,
+            process=process,
+            dtype=dtype,
+            device=device,
+            extra={"source": source},
+        )
+
+        @torch.inference_mode()
+        def net(x_t, t, cond=None):
+            out = unet(x_t, t, return_dict=False)[0]
+            return out[:, :channels]  # learned-variance networks append their variance channels
+
+        return cls(net, info)
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"params.dtype {name!r} unknown; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _first_that_loads(load, source: str, subfolders: list[str | None], what: str):
+    """load(subfolder) from the first subfolder that has it: pipeline folders keep unet/ and
+    scheduler/, bare model folders keep everything at the top."""
+    errors = []
+    for subfolder in subfolders:
+        try:
+            return load(subfolder)
+        except (OSError, ValueError) as err:
+            errors.append(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    raise StepbenchError(
+        f"diffusers_unet: no {what} in {source} (looked in {', '.join(f'{s}/' if s else 'the top folder' for s in subfolders)}): "
+        f"{errors[-1]} (weights are never downloaded at run time: fetch them once with "
+        f"`huggingface-cli download {source}`, or give `source` as a local folder)"
+    )
+
+
+def _load_unet(source: str, subfolders: list[str | None], dtype: torch.dtype, cache_dir: str | None):
+    from diffusers import UNet2DModel
+
+    return _first_that_loads(
+        lambda subfolder: UNet2DModel.from_pretrained(
+            source, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=False, local_files_only=True,
+            cache_dir=cache_dir),
+        source, subfolders, "UNet2DModel")
+
+
+def _load_scheduler_config(source: str, subfolders: list[str | None], cache_dir: str | None) -> dict:
+    from diffusers import DDPMScheduler
+
+    return dict(_first_that_loads(
+        lambda subfolder: DDPMScheduler.load_config(source, subfolder=subfolder, local_files_only=True,
+                                                    cache_dir=cache_dir),
+        source, subfolders, "scheduler config (it fixes the betas and the prediction type)"))
+
+
+def _checkpoint_betas(config: dict) -> np.ndarray:
+    if config.get("trained_betas") is not None:
+        return np.asarray(config["trained_betas"], dtype=np.float64)
+    keys = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps")
+    return VPDiscrete.from_config(**{k: config[k] for k in keys if k in config}).betas
+
+
+def _check_process(source: str, process, config: dict) -> None:
+    if not isinstance(process, VPDiscrete):
+        raise ConfigError(f"{source}: a diffusers DDPM-style UNet needs process kind vp_discrete, not {process.kind}")
+    theirs = _checkpoint_betas(config)
+    ours = process.betas
+    if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=1e-6, atol=1e-12):
+        raise ConfigError(
+            f"{source}: models.yaml's process ({len(ours)} betas from {ours[0]:.6g} to {ours[-1]:.6g}) disagrees "
+            f"with the checkpoint's scheduler config ({config.get('beta_schedule')}, {len(theirs)} betas from "
+            f"{theirs[0]:.6g} to {theirs[-1]:.6g})"
+        )
+
+
+def _prediction(source: str, config: dict, stated: str | None) -> str:
+    theirs = config.get("prediction_type", "epsilon")
+    if theirs not in PREDICTIONS:
+        raise ConfigError(f"{source}: prediction_type {theirs!r} unsupported; valid: {', '.join(PREDICTIONS)}")
+    prediction = PREDICTIONS[theirs]
+    if stated is not None and stated != prediction:
+        raise ConfigError(f"{source}: params.prediction is {stated!r} but the checkpoint predicts {theirs!r}")
+    return prediction
