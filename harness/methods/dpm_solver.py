@@ -17,16 +17,11 @@ import math
 
 import torch
 
-from harness.methods.solver_base import NFERule, combine, solver
+from harness.methods.solver_base import NFERule, combine, require_noise, solver
 
 
 def _eps(model, x, sigma):
     return (x - model(x, sigma)) / sigma
-
-
-def _require_noise(noise, name):
-    if noise is None:
-        raise ValueError(f"{name} is stochastic and needs per-sample noise (harness.noise.SampleNoise)")
 
 
 @solver("dpm_solver_2", order=2, nfe=NFERule(per_step=2, saved_at_end=1))
@@ -96,39 +91,50 @@ def dpmpp_3s(model, x, sigmas, noise=None):
     return x
 
 
-@solver("dpmpp_3m", order=3)
-def dpmpp_3m(model, x, sigmas, noise=None):
-    """DPM-Solver++(3M), multistep on the data prediction; orders 1, 2 on the first two steps."""
-    history = []  # (denoised, lambda step that led to it) of earlier steps, newest last
+def _multistep_update(x, denoised, h, history):
+    """One DPM-Solver++ multistep update over a lambda step h: e^-h x + (1 - e^-h) D plus the order-2 and
+    order-3 corrections from `history`, the (data prediction, lambda step that led to it) of up to two
+    earlier steps, newest last (diffusers' midpoint rule at order 2)."""
+    if len(history) < 2:
+        # e^-h x + (1 - e^-h) d is a lerp, and so is d = D + (h / 2 h_old) (D - D_old)
+        d = denoised if not history else torch.lerp(denoised, history[-1][0], -0.5 * h / history[-1][1])
+        return torch.lerp(d, x, math.exp(-h))
+    (d2, h_1), (d1, h_0) = history
+    r0, r1 = h_0 / h, h_1 / h
+    phi_1 = math.expm1(-h)  # e^-h - 1
+    # with slope_new = (D - d1) / r0 and slope_old = (d1 - d2) / r1,
+    # first = slope_new + r0 / (r0 + r1) (slope_new - slope_old), second = (slope_new - slope_old) / (r0 + r1),
+    # x_next = e^-h x - phi_1 D + (phi_1 / h + 1) first - ((phi_1 + h) / h^2 - 0.5) second; the float weights
+    # are folded onto each tensor so that the update is one fused combination
+    c_first, c_second = phi_1 / h + 1, (phi_1 + h) / h**2 - 0.5
+    k_new = c_first * (1 + r0 / (r0 + r1)) - c_second / (r0 + r1)
+    k_old = -c_first * r0 / (r0 + r1) + c_second / (r0 + r1)
+    return combine([(math.exp(-h), x), (-phi_1 + k_new / r0, denoised), (k_old / r1 - k_new / r0, d1),
+                    (-k_old / r1, d2)])
+
+
+def _dpmpp_multistep(model, x, sigmas, order, noise=None):
+    """DPM-Solver++ multistep of `order` (lower orders while the history builds up) on the PF-ODE or, given
+    `noise`, on the reverse SDE: SDE-DPM-Solver++ is the same update with every lambda step doubled (its
+    e^-2h decay and integrals of e^-2(lambda_t - lambda)), plus fresh noise of std sigma_next sqrt(1 - e^-2h)."""
+    lambda_scale = 1 if noise is None else 2
+    history = []
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         denoised = model(x, s)
         if s_next == 0:
             return denoised
-        h = math.log(s / s_next)
-        phi_1 = math.expm1(-h)  # e^-h - 1
-        # x_next = (s_next / s) x - phi_1 D + k_new slope_new + k_old slope_old, with the slopes
-        # slope_new = (D - d1) / r0 and slope_old = (d1 - d2) / r1 of the latest data predictions d1, d2;
-        # the float weights are folded onto each tensor so that the update is one fused combination
-        w_denoised, older = -phi_1, []
-        if len(history) == 1:
-            (d1, h_0), = history
-            r0 = h_0 / h
-            k_new = -0.5 * phi_1
-            w_denoised += k_new / r0
-            older = [(-k_new / r0, d1)]
-        elif len(history) >= 2:
-            (d2, h_1), (d1, h_0) = history
-            r0, r1 = h_0 / h, h_1 / h
-            # first = slope_new + r0 / (r0 + r1) (slope_new - slope_old), second = (slope_new - slope_old) / (r0 + r1),
-            # and x_next += (phi_1 / h + 1) first - ((phi_1 + h) / h^2 - 0.5) second
-            c_first, c_second = phi_1 / h + 1, (phi_1 + h) / h**2 - 0.5
-            k_new = c_first * (1 + r0 / (r0 + r1)) - c_second / (r0 + r1)
-            k_old = -c_first * r0 / (r0 + r1) + c_second / (r0 + r1)
-            w_denoised += k_new / r0
-            older = [(k_old / r1 - k_new / r0, d1), (-k_old / r1, d2)]
-        x = combine([(s_next / s, x), (w_denoised, denoised)] + older)
-        history = (history + [(denoised, h)])[-2:]
+        h = lambda_scale * math.log(s / s_next)
+        x = _multistep_update(x, denoised, h, history)
+        if noise is not None:
+            x.add_(noise.randn_like(x), alpha=s_next * math.sqrt(-math.expm1(-h)))  # in place (fused multiply-add)
+        history = (history + [(denoised, h)])[-(order - 1):]
     return x
+
+
+@solver("dpmpp_3m", order=3)
+def dpmpp_3m(model, x, sigmas, noise=None):
+    """DPM-Solver++(3M), multistep on the data prediction; orders 1, 2 on the first two steps."""
+    return _dpmpp_multistep(model, x, sigmas, order=3)
 
 
 @solver("sde_dpmpp_2m", order=1)
@@ -137,19 +143,6 @@ def sde_dpmpp_2m(model, x, sigmas, noise=None):
 
     Each step draws per-sample noise from `noise`, so a sample does not depend on its batch.
     """
-    _require_noise(noise, "sde_dpmpp_2m")
-    old_denoised, h_last = None, None
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        denoised = model(x, s)
-        if s_next == 0:
-            return denoised
-        h = math.log(s / s_next)
-        decay = -math.expm1(-2 * h)  # 1 - e^-2h
-        # d = D + (h / 2 h_last) (D - D_old) as one lerp
-        d = denoised if old_denoised is None else torch.lerp(denoised, old_denoised, -0.5 * h / h_last)
-        # (s_next / s) e^-h x + (1 - e^-2h) d is a lerp, since s_next / s = e^-h; then the noise added
-        # in place (fused multiply-add)
-        x = torch.lerp(d, x, (s_next / s) * math.exp(-h))
-        x.add_(noise.randn_like(x), alpha=s_next * math.sqrt(decay))
-        old_denoised, h_last = denoised, h
-    return x
+    require_noise(noise, "sde_dpmpp_2m")
+    return _dpmpp_multistep(model, x, sigmas, order=2, noise=noise)
+

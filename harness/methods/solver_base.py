@@ -82,7 +82,12 @@ def solver(name: str, order: int, nfe: NFERule = NFERule(), prepare: Callable | 
     return wrap
 
 
-# ---- arithmetic shared by the solvers ----
+# ---- shared by the solvers ----
+
+
+def require_noise(noise, name: str) -> None:
+    if noise is None:
+        raise ValueError(f"{name} is stochastic and needs per-sample noise (harness.noise.SampleNoise)")
 
 
 def combine(terms):
