@@ -10,6 +10,9 @@ timesteps back through the process. Stochastic samplers share their noise: stepb
 
 from __future__ import annotations
 
+import math
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -150,8 +153,8 @@ def test_dpmpp_singlestep(gmm, x_T, name, order, steps):
     assert relative_difference(solve(name, gmm, x_T, sigmas), expected) <= RTOL
 
 
-def dpm_multistep(gmm, timesteps, **config):
-    scheduler = DPMSolverMultistepScheduler(**DIFFUSERS_BETAS, final_sigmas_type="zero", **config)
+def dpm_multistep(gmm, timesteps, scheduler_class=DPMSolverMultistepScheduler, **config):
+    scheduler = scheduler_class(**DIFFUSERS_BETAS, final_sigmas_type="zero", **config)
     use_float64_tables(scheduler, gmm.process)
     scheduler.set_timesteps(timesteps=timesteps)
     promote_sigmas(scheduler, gmm.process)
@@ -167,16 +170,60 @@ def test_dpmpp_3m(gmm, x_T, steps):
     assert relative_difference(solve("dpmpp_3m", gmm, x_T, grid(gmm.process, timesteps)), expected) <= RTOL
 
 
+class SDEThirdOrderFixed(DPMSolverMultistepScheduler):
+    """diffusers' sde-dpmsolver++ third-order step weighs D2 by (1 - e^-2h - 2h) / (2h)^2 - 0.5 where its ODE
+    step with h doubled (and k-diffusion's sample_dpmpp_3m_sde) has + 0.5: this adds the missing alpha_t D2."""
+
+    def multistep_dpm_solver_third_order_update(self, model_output_list, *args, sample=None, noise=None, **kwargs):
+        x_t = super().multistep_dpm_solver_third_order_update(model_output_list, sample=sample, noise=noise)
+        lambdas = [-torch.log(self.sigmas[self.step_index + 1 - k]) for k in range(4)]  # t, s0, s1, s2
+        h, h_0, h_1 = (lambdas[k] - lambdas[k + 1] for k in range(3))
+        m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
+        d2 = ((m0 - m1) * h / h_0 - (m1 - m2) * h / h_1) / ((h_0 + h_1) / h)  # as diffusers builds it
+        alpha_t, _ = self._sigma_to_alpha_sigma_t(self.sigmas[self.step_index + 1])
+        return x_t + alpha_t * d2
+
+
 @pytest.mark.parametrize("steps", STEP_COUNTS)
-def test_sde_dpmpp_2m_with_shared_noise(gmm, x_T, steps):
+@pytest.mark.parametrize("name, order", [("sde_dpmpp_2m", 2), ("sde_dpmpp_3m", 3)])
+def test_sde_dpmpp_multistep_with_shared_noise(gmm, x_T, name, order, steps):
+    """lower_order_final=False: full order up to the last step, which final_sigmas_type='zero' makes x = D.
+    Float32 steps in diffusers: ~1e-7 for 2M and (with its third-order term fixed) 3M."""
     timesteps = trailing_timesteps(steps)
-    scheduler = dpm_multistep(gmm, timesteps, algorithm_type="sde-dpmsolver++", solver_order=2)
+    scheduler = dpm_multistep(gmm, timesteps, SDEThirdOrderFixed, algorithm_type="sde-dpmsolver++",
+                              solver_order=order, lower_order_final=False)
     noise = SharedNoise(x_T.shape)
     net, sample, diffusers_noise = eps_network(gmm), x_T, noise.fresh()
     for t in scheduler.timesteps:
         sample = scheduler.step(net(sample, t), t, sample, variance_noise=diffusers_noise(None)).prev_sample
-    got = solve("sde_dpmpp_2m", gmm, x_T, grid(gmm.process, timesteps), noise=noise.fresh())
+    got = solve(name, gmm, x_T, grid(gmm.process, timesteps), noise=noise.fresh())
     assert relative_difference(got, sample) <= RTOL
+
+
+def third_order_step_error(h):
+    """A data prediction D quadratic in lambda = -log sigma~ (and independent of x), over lambda steps
+    1.3 h, 0.8 h, h: the third step's distance from the reverse SDE's x' = e^-2h x + int 2 e^-2(lambda' - lambda)
+    D(lambda) dlambda (noise off)."""
+    coefficients = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def model(x, sigma):
+        lam = -math.log(sigma)
+        return coefficients[0] + coefficients[1] * lam + coefficients[2] * lam**2
+
+    lambdas = np.cumsum([-1.0, 1.3 * h, 0.8 * h, h])
+    sigmas, no_noise = list(np.exp(-lambdas)), types.SimpleNamespace(randn_like=torch.zeros_like)
+    x = torch.ones(4, 2, dtype=torch.float64)
+    x_2, x_3 = (SOLVERS["sde_dpmpp_3m"].fn(model, x, grid, noise=no_noise) for grid in (sigmas[:3], sigmas))
+    nodes, weights = np.polynomial.legendre.leggauss(20)
+    # Gauss-Legendre on lambda = lambda_2 + (u + 1) h / 2: d lambda = h / 2 du, times the integrand's 2
+    drift = h * sum(w * math.exp(-h * (1 - u)) * model(None, sigmas[2] * math.exp(-h * (u + 1) / 2))
+                    for w, u in zip(weights, nodes))
+    return float((x_3 - math.exp(-2 * h) * x_2 - drift).abs().max())
+
+
+def test_sde_dpmpp_3m_third_order_step_has_local_error_of_order_3():
+    """Halving h divides the error by ~8 (diffusers' D2 weight, off by 1, would leave an O(h^2) error)."""
+    assert third_order_step_error(0.2) / third_order_step_error(0.1) > 7
 
 
 # ---- UniPC, DEIS ----
@@ -329,7 +376,7 @@ def test_euler_ancestral_matches_ddpm(gmm, x_T, steps, monkeypatch):
 
 def test_stochastic_solvers_refuse_to_run_without_noise(gmm, x_T):
     sigmas = grid(gmm.process, trailing_timesteps(5))
-    for name in ("euler_ancestral", "sde_dpmpp_2m"):
+    for name in ("euler_ancestral", "sde_dpmpp_2m", "sde_dpmpp_3m"):
         with pytest.raises(ValueError, match="per-sample noise"):
             solve(name, gmm, x_T, sigmas)
 
