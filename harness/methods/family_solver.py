@@ -7,7 +7,7 @@ import torch
 from harness.errors import ConfigError
 # Importing a solver module registers its solvers.
 from harness.methods import solvers  # noqa: F401  (euler, heun, dpmpp_2m)
-from harness.methods import ancestral, deis, dpm_solver, lms, pndm, unipc  # noqa: F401  (the solver zoo)
+from harness.methods import ancestral, deis, deis_tab, dpm_solver, lms, pndm, unipc  # noqa: F401  (the solver zoo)
 from harness.methods import dc_solver, dmcmc, dpm_solver_v3, dualfast, momentum  # noqa: F401  (seed papers)
 from harness.methods import schedule_search, teleport, time_shift  # noqa: F401  (seed papers)
 from harness.methods.base import Sampler
