@@ -12,20 +12,29 @@ import math
 
 import torch
 
-from harness.methods.solver_base import solver
+from harness.methods.solver_base import require_noise, solver
 
 
-@solver("euler_ancestral", order=1)
-def euler_ancestral(model, x, sigmas, noise=None, eta=1.0):
-    """Euler ancestral / DDIM(eta) / DDPM ancestral (eta = 1); z from the per-sample streams of `noise`."""
-    if noise is None:
-        raise ValueError("euler_ancestral is stochastic and needs per-sample noise (harness.noise.SampleNoise)")
+def _ancestral(model, x, sigmas, noise, name, scales):
+    """x~' = D + w (x~ - D) + std z with (w, std) = scales(sigma~, sigma~') and z from the per-sample streams
+    of `noise`; the step to sigma~ = 0 is x = D (DDPM adds no noise on its step from t = 0)."""
+    require_noise(noise, name)
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         denoised = model(x, s)
         if s_next == 0:
             return denoised
-        sigma_up = min(s_next, eta * s_next * math.sqrt(1 - (s_next / s) ** 2))
-        sigma_down = math.sqrt(s_next**2 - sigma_up**2)
-        # D + (sigma_down / s) (x - D) as one lerp, then the noise added in place (fused multiply-add)
-        x = torch.lerp(denoised, x, sigma_down / s).add_(noise.randn_like(x), alpha=sigma_up)
+        w, std = scales(s, s_next)
+        # D + w (x - D) as one lerp, then the noise added in place (fused multiply-add)
+        x = torch.lerp(denoised, x, w).add_(noise.randn_like(x), alpha=std)
     return x
+
+
+@solver("euler_ancestral", order=1)
+def euler_ancestral(model, x, sigmas, noise=None, eta=1.0):
+    """Euler ancestral / DDIM(eta) / DDPM ancestral with the posterior variance (eta = 1)."""
+
+    def scales(s, s_next):
+        sigma_up = min(s_next, eta * s_next * math.sqrt(1 - (s_next / s) ** 2))
+        return math.sqrt(s_next**2 - sigma_up**2) / s, sigma_up
+
+    return _ancestral(model, x, sigmas, noise, "euler_ancestral", scales)
