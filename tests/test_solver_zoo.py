@@ -47,6 +47,7 @@ from test_solvers_vs_diffusers import (  # noqa: E402
 
 import harness.methods.family_solver  # noqa: E402,F401  (registers the zoo)
 from harness.methods.solver_base import SOLVERS  # noqa: E402
+from harness.schedules import make_process  # noqa: E402
 
 pytestmark = [  # numpy 2 / deprecation noise from inside diffusers
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
@@ -358,27 +359,50 @@ def test_euler_ancestral_matches_ddim_eta(gmm, x_T, steps, eta):
     assert relative_difference(got, sample) <= RTOL
 
 
+def prepared_for(name, denoiser):
+    """What the workflow's prepare job hands a solver (its model-scope artifact), as keyword arguments."""
+    prepare = SOLVERS[name].prepare
+    return {"prepared": prepare(denoiser, None, 0)} if prepare else {}
+
+
 @pytest.mark.parametrize("steps", STEP_COUNTS)
-def test_euler_ancestral_matches_ddpm(gmm, x_T, steps, monkeypatch):
-    """DDPM with the posterior variance ("fixed_small") over skipped steps is DDIM with eta = 1; its last
-    timestep is 0 so that it adds no noise on the step to the data."""
+@pytest.mark.parametrize("variance_type, name", [("fixed_small", "euler_ancestral"), ("fixed_large", "ddpm_large")])
+def test_ddpm(gmm, x_T, steps, variance_type, name, monkeypatch):
+    """DDPM over skipped steps: diffusers' variances come from current_beta_t = 1 - alpha_bar_t / alpha_bar_prev
+    of the whole step. The posterior's ("fixed_small") is DDIM with eta = 1, the forward step's ("fixed_large")
+    ddpm_large. The last timestep is 0 so that no noise is added on the step to the data."""
     timesteps = leading_timesteps(steps)
     noise = SharedNoise(x_T.shape)
     monkeypatch.setattr(diffusers_ddpm, "randn_tensor", noise.fresh())
-    scheduler = DDPMScheduler(**DIFFUSERS_BETAS, variance_type="fixed_small", clip_sample=False,
+    scheduler = DDPMScheduler(**DIFFUSERS_BETAS, variance_type=variance_type, clip_sample=False,
                               prediction_type="epsilon")
     use_float64_tables(scheduler, gmm.process)
     scheduler.set_timesteps(timesteps=timesteps)
     expected = run_scheduler(scheduler, eps_network(gmm), x_T)
-    got = solve("euler_ancestral", gmm, x_T, grid(gmm.process, timesteps), noise=noise.fresh())
+    got = solve(name, gmm, x_T, grid(gmm.process, timesteps), noise=noise.fresh(), **prepared_for(name, gmm))
     assert relative_difference(got, expected) <= RTOL
+
+
+@pytest.mark.parametrize("process", [{"kind": "vp_discrete"}, {"kind": "vp_continuous"}, {"kind": "edm"},
+                                     {"kind": "rectified_flow"}])
+def test_ddpm_large_adds_the_forward_step_variance_on_every_process(process):
+    """One step of a zero denoiser from x~ = 0 with z = 1 leaves the noise std on x~'; on unscaled x' = alpha' x~'
+    its square is Var q(x_t | x_t') = sigma_t^2 - (alpha_t / alpha_t')^2 sigma_t'^2 (beta_t on VP processes)."""
+    process = make_process(process)
+    s, s_next = 1.5, 0.4
+    ones = types.SimpleNamespace(randn_like=torch.ones_like)
+    std = SOLVERS["ddpm_large"].fn(lambda x, sigma: torch.zeros_like(x), torch.zeros(1, dtype=torch.float64),
+                                   [s, s_next], noise=ones, prepared={"process": process})
+    alpha, alpha_next = float(process.alpha(s)), float(process.alpha(s_next))
+    forward_variance = (alpha * s) ** 2 - (alpha / alpha_next) ** 2 * (alpha_next * s_next) ** 2
+    assert float(alpha_next * std) ** 2 == pytest.approx(forward_variance, rel=1e-13)
 
 
 def test_stochastic_solvers_refuse_to_run_without_noise(gmm, x_T):
     sigmas = grid(gmm.process, trailing_timesteps(5))
-    for name in ("euler_ancestral", "sde_dpmpp_2m", "sde_dpmpp_3m"):
+    for name in ("euler_ancestral", "ddpm_large", "sde_dpmpp_2m", "sde_dpmpp_3m"):
         with pytest.raises(ValueError, match="per-sample noise"):
-            solve(name, gmm, x_T, sigmas)
+            solve(name, gmm, x_T, sigmas, **prepared_for(name, gmm))
 
 
 # ---- the NFE each solver declares is the NFE it spends ----
@@ -394,5 +418,6 @@ def test_declared_nfe_is_measured_nfe(gmm, x_T, name):
         sigmas = grid(gmm.process, np.linspace(999, 0, steps).round())
         calls = []
         x = x_T / float(gmm.process.alpha(sigmas[0]))
-        SOLVERS[name].fn(lambda x, s: calls.append(s) or gmm(x, s), x, sigmas, noise=SharedNoise(x_T.shape))
+        SOLVERS[name].fn(lambda x, s: calls.append(s) or gmm(x, s), x, sigmas, noise=SharedNoise(x_T.shape),
+                         **prepared_for(name, gmm))
         assert len(calls) == rule.nfe(steps), f"{name}: {steps} steps"

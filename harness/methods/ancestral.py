@@ -4,6 +4,12 @@ On scaled variables DDIM with eta, DDPM's ancestral sampler (posterior variance,
 Euler ancestral are one update: with sigma_up = eta * sigma' * sqrt(1 - sigma'^2 / sigma^2) and
 sigma_down = sqrt(sigma'^2 - sigma_up^2), x~' = D + (sigma_down / sigma) (x~ - D) + sigma_up z.
 eta = 1 is DDPM and Euler ancestral; eta = 0 is DDIM (= euler).
+
+DDPM with the large variance ("fixed_large", sigma_t^2 = beta_t) keeps that posterior mean and adds the
+variance of the forward step q(x_t | x_t') instead. Over a strided step that is diffusers' current_beta_t =
+1 - alpha_bar_t / alpha_bar_t', not the training beta at t: on unscaled x it is
+sigma_t^2 - (alpha_t / alpha_t')^2 sigma_t'^2 for every process, i.e. (alpha_t / alpha_t')^2 (sigma~^2 - sigma~'^2)
+on x~'. It depends on alpha, not only on sigma~, so the solver gets the model's process prepared.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import math
 
 import torch
 
-from harness.methods.solver_base import require_noise, solver
+from harness.methods.solver_base import noise_process, prepared_process, require_noise, solver
 
 
 def _ancestral(model, x, sigmas, noise, name, scales):
@@ -38,3 +44,15 @@ def euler_ancestral(model, x, sigmas, noise=None, eta=1.0):
         return math.sqrt(s_next**2 - sigma_up**2) / s, sigma_up
 
     return _ancestral(model, x, sigmas, noise, "euler_ancestral", scales)
+
+
+@solver("ddpm_large", order=1, prepare=noise_process, prepare_scope="model")
+def ddpm_large(model, x, sigmas, noise=None, prepared=None):
+    """DDPM ancestral sampling with the forward step's variance (diffusers' variance_type="fixed_large")."""
+    alpha = prepared_process(prepared, "ddpm_large").alpha
+
+    def scales(s, s_next):
+        # the posterior mean of eta = 1 (sigma_down / s = (s_next / s)^2), the forward step's std on x~'
+        return (s_next / s) ** 2, float(alpha(s) / alpha(s_next)) * math.sqrt(s**2 - s_next**2)
+
+    return _ancestral(model, x, sigmas, noise, "ddpm_large", scales)

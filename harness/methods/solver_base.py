@@ -90,6 +90,18 @@ def require_noise(noise, name: str) -> None:
         raise ValueError(f"{name} is stochastic and needs per-sample noise (harness.noise.SampleNoise)")
 
 
+def noise_process(denoiser, sigmas, calibration_seed, **params) -> dict:
+    """The preparation (scope "model", no network evaluation) of solvers that need the model's noise process,
+    which their signature does not carry."""
+    return {"process": denoiser.process}
+
+
+def prepared_process(prepared, name: str):
+    if not prepared or "process" not in prepared:
+        raise ValueError(f"{name}: needs prepared={{'process': <the model's noise process>}} (see noise_process)")
+    return prepared["process"]
+
+
 def combine(terms):
     """sum(c * t for c, t in terms) for float weights c (two terms or more), into one new tensor.
 
