@@ -17,8 +17,9 @@ from scipy.integrate import quad
 
 from harness.config import load_methods
 from harness.methods import make_sampler
-from harness.methods.deis_tab import deis_tab1, deis_tab2, deis_tab3, noise_process, tab_weights
+from harness.methods.deis_tab import deis_tab1, deis_tab2, deis_tab3, tab_weights
 from harness.methods.lms import lms
+from harness.methods.solver_base import noise_process
 from harness.methods.solvers import euler
 from harness.metrics.reference import rms_distance
 from harness.models import load_denoiser

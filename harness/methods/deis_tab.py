@@ -16,8 +16,8 @@ kink at each of them: panels end there, and on each panel the integrand is a pol
 the rule integrates to rounding. The continuous maps (VP, EDM, flows) are smooth in u; panels this
 narrow leave errors far below 1e-12 relative.
 
-A solver function does not see the model's noise process, so (as harness.methods.time_shift does) a
-preparation step of scope "model" without network evaluations hands it over.
+A solver function does not see the model's noise process, so a preparation step of scope "model" without
+network evaluations hands it over (solver_base.noise_process).
 
 Side by side with the reference JAX code (github.com/qsh-zh/deis, jax_deis.multistep) on VP with linear
 beta 0.1..20, on its quadratic-in-t grids (10 and 20 steps, t from 1 to 1e-3) and a uniform one, its C_ij
@@ -32,16 +32,11 @@ import math
 import numpy as np
 import torch
 
-from harness.methods.solver_base import combine, solver
+from harness.methods.solver_base import combine, noise_process, prepared_process, solver
 from harness.schedules import NoiseProcess, VPDiscrete
 
 GAUSS_NODES, GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(8)
 MAX_PANEL = 0.25  # widest quadrature panel in u = log sigma~
-
-
-def noise_process(denoiser, sigmas, calibration_seed, **params) -> dict:
-    """The prepared artifact: the model's noise process (its map t(sigma~)); no network evaluation."""
-    return {"process": denoiser.process}
 
 
 def _kinks(process: NoiseProcess) -> np.ndarray:
@@ -82,12 +77,6 @@ def tab_weights(process: NoiseProcess, t_nodes: list[float], s_from: float, s_to
     return out
 
 
-def _process_of(prepared, name: str) -> NoiseProcess:
-    if not prepared or "process" not in prepared:
-        raise ValueError(f"{name}: needs prepared={{'process': <the model's noise process>}} (see noise_process)")
-    return prepared["process"]
-
-
 def _tab_multistep(model, x, sigmas, process, order):
     history = []  # (eps, t) of the latest steps, newest first
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
@@ -105,16 +94,16 @@ def _tab_multistep(model, x, sigmas, process, order):
 @solver("deis_tab1", order=1, prepare=noise_process, prepare_scope="model")
 def deis_tab1(model, x, sigmas, noise=None, prepared=None):
     """DEIS tAB-1 (= DDIM)."""
-    return _tab_multistep(model, x, sigmas, _process_of(prepared, "deis_tab1"), order=1)
+    return _tab_multistep(model, x, sigmas, prepared_process(prepared, "deis_tab1"), order=1)
 
 
 @solver("deis_tab2", order=2, prepare=noise_process, prepare_scope="model")
 def deis_tab2(model, x, sigmas, noise=None, prepared=None):
     """DEIS tAB-2: AB2 on eps with a linear polynomial in native time t."""
-    return _tab_multistep(model, x, sigmas, _process_of(prepared, "deis_tab2"), order=2)
+    return _tab_multistep(model, x, sigmas, prepared_process(prepared, "deis_tab2"), order=2)
 
 
 @solver("deis_tab3", order=3, prepare=noise_process, prepare_scope="model")
 def deis_tab3(model, x, sigmas, noise=None, prepared=None):
     """DEIS tAB-3: AB3 on eps with a quadratic polynomial in native time t."""
-    return _tab_multistep(model, x, sigmas, _process_of(prepared, "deis_tab3"), order=3)
+    return _tab_multistep(model, x, sigmas, prepared_process(prepared, "deis_tab3"), order=3)
