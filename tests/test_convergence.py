@@ -1,9 +1,15 @@
 """Measured convergence orders on gmm2d match the solvers' theoretical orders (within 0.4).
 
 exact_err against the exact PF-ODE solution from the same noise (benchmarks/convergence_order.py), at NFE
-about 20, 40, 80. The singlestep third-order solvers and PNDM (whose 12-evaluation Runge-Kutta warm-up
-dominates small budgets) reach their asymptotic order only beyond that, so they are measured at 40, 80,
-160. LMS (order 4) measures 3.2 at 20-80 and 3.6 at 40-160 and is not checked here.
+about 20, 40, 80. Some solvers reach their asymptotic order only beyond that (the benchmark's local orders
+show it, e.g. `--nfe 20 40 80 160 320 640`), and are measured where they have:
+- the singlestep third-order solvers (7 steps at NFE 22: local orders 4.0, 3.4, 3.1 for DPM-Solver-3 and
+  2.0, 2.6, 2.7, 2.9 for DPM-Solver++(3S)) and PNDM (its 12-evaluation Runge-Kutta warm-up dominates
+  small budgets) at 40, 80, 160;
+- the published DPM-Solver++(3M), second order (see harness.methods.dpm_solver.dpmpp_3m) but with a small
+  second-order error term, so it looks third order up to NFE ~40 (local orders 3.8, 1.9, 1.7, 1.9, 1.9),
+  at 160, 320, 640.
+LMS (order 4) measures 3.2 at 20-80 and 3.6 at 40-160 and is not checked here.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ _spec.loader.exec_module(convergence_order)
 
 WINDOW = (20, 40, 80)
 LATE_WINDOW = (40, 80, 160)
+ASYMPTOTIC_WINDOW = (160, 320, 640)
 CHECKS = [
     *[(name, WINDOW) for name in ("euler", "heun", "dpmpp_2m", "dpm_solver_2", "dpmpp_2s", "deis_2m", "plms",
-                                  "ipndm", "dpmpp_3m", "deis_3m", "unipc")],
+                                  "ipndm", "dpmpp_3m_taylor", "deis_3m", "unipc")],
     *[(name, LATE_WINDOW) for name in ("dpm_solver_3", "dpmpp_3s", "pndm")],
+    ("dpmpp_3m", ASYMPTOTIC_WINDOW),
 ]
 
 

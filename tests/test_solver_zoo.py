@@ -171,6 +171,34 @@ def test_dpmpp_3m(gmm, x_T, steps):
     assert relative_difference(solve("dpmpp_3m", gmm, x_T, grid(gmm.process, timesteps)), expected) <= RTOL
 
 
+def ode_third_step_error(name):
+    """A data prediction D quadratic in lambda = -log sigma~ (independent of x), over lambda steps 0.5, 0.4,
+    0.45: the third (third-order) step's relative distance from the PF-ODE's exact
+    x' = e^-h x + int e^-(lambda' - lambda) D(lambda) dlambda."""
+    coefficients = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def model(x, sigma):
+        lam = -math.log(sigma)
+        return coefficients[0] + coefficients[1] * lam + coefficients[2] * lam**2
+
+    lambdas = np.cumsum([-1.0, 0.5, 0.4, 0.45])
+    sigmas, h = list(np.exp(-lambdas)), 0.45
+    x = torch.ones(4, 2, dtype=torch.float64)
+    x_2, x_3 = (SOLVERS[name].fn(model, x, grid) for grid in (sigmas[:3], sigmas))
+    nodes, weights = np.polynomial.legendre.leggauss(20)  # exact for this integrand to rounding
+    drift = h / 2 * sum(w * math.exp(-h * (1 - u) / 2) * model(None, sigmas[2] * math.exp(-h * (u + 1) / 2))
+                        for w, u in zip(weights, nodes))
+    exact = math.exp(-h) * x_2 + drift
+    return float((x_3 - exact).norm() / exact.norm())
+
+
+def test_dpmpp_3m_taylor_is_exact_for_quadratic_data_predictions_and_the_published_3m_is_not():
+    """The published 3M weighs the second difference half as much as the quadratic's integral needs
+    (see harness.methods.dpm_solver.dpmpp_3m); dpmpp_3m_taylor has the exact weight."""
+    assert ode_third_step_error("dpmpp_3m_taylor") < 1e-13
+    assert ode_third_step_error("dpmpp_3m") > 1e-4
+
+
 class SDEThirdOrderFixed(DPMSolverMultistepScheduler):
     """diffusers' sde-dpmsolver++ third-order step weighs D2 by (1 - e^-2h - 2h) / (2h)^2 - 0.5 where its ODE
     step with h doubled (and k-diffusion's sample_dpmpp_3m_sde) has + 0.5: this adds the missing alpha_t D2."""
