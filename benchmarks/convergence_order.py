@@ -21,11 +21,13 @@ from harness.methods.family_solver import SOLVERS
 from harness.metrics.reference import rms_distance
 from harness.models import load_denoiser
 from harness.noise import SampleNoise
+from harness.prepared import CALIBRATION_SEED
 from harness.references import exact_solution
 
 TARGET_NFES = (20, 40, 80)
-DEFAULT_SOLVERS = ("euler", "heun", "dpmpp_2m", "dpm_solver_2", "dpmpp_2s", "deis_2m", "plms", "ipndm",
-                   "dpm_solver_3", "dpmpp_3s", "dpmpp_3m", "deis_3m", "unipc", "pndm", "lms")
+DEFAULT_SOLVERS = ("euler", "heun", "dpmpp_2m", "dpm_solver_2", "dpmpp_2s", "deis_2m", "deis_tab2", "plms", "ipndm",
+                   "dpm_solver_3", "dpmpp_3s", "dpmpp_3m", "dpmpp_3m_taylor", "deis_3m", "deis_tab3", "unipc", "pndm",
+                   "lms")
 SCHEDULE = {"kind": "edm_rho", "rho": 7.0}
 
 
@@ -67,6 +69,8 @@ def measure(problem: Problem, name: str, targets=TARGET_NFES) -> Convergence:
     nfes = budgets(name, targets)
     errors = []
     for nfe in nfes:
+        if sampler.prepare_scope is not None:  # side data (e.g. the noise process for DEIS tAB), as a cell has
+            sampler.use_prepared(sampler.prepare(problem.denoiser, nfe, CALIBRATION_SEED))
         # as harness.cells.generate does: the first draw is x_T, later draws feed stochastic solvers
         noise = SampleNoise(problem.seed, range(len(problem.exact)))
         start = noise.randn(problem.denoiser.info.data_shape, dtype=torch.float64)
