@@ -29,6 +29,12 @@ CACHE = PLAN.cache_dir
 COMMON = PLAN.common_args  # --models-file/--methods-file/--cache-dir for cell-level CLI calls
 
 
+# Bookkeeping that costs nothing stays on the submitting node under a cluster executor.
+localrules:
+    all,
+    grid_config,
+
+
 include: "rules/zoo.smk"
 include: "rules/reference.smk"
 include: "rules/prepare.smk"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from functools import lru_cache
@@ -48,9 +49,13 @@ def device_name(device) -> str:
 
 
 def environment(device) -> dict:
-    return {
+    env = {
         "device": device_name(device),
         "packages": package_versions(),
         "git": git_commit(),
         "python": platform.python_version(),
+        "host": platform.node(),
     }
+    if os.environ.get("SLURM_JOB_ID"):  # which cluster job made this, to find its log and accounting
+        env["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    return env
