@@ -28,8 +28,8 @@ import torch
 from harness.errors import ConfigError, StepbenchError
 from harness.metrics.base import EvalContext, Metric, MetricValue
 from harness.metrics.text_alignment import (bootstrap_interval, bootstrap_provenance, downloads_allowed,
-                                            files_sha256, hf_cache_dir, load_prompts, missing_weights,
-                                            pairwise_cosine, prompts_for_samples, prompts_sha256)
+                                            embed_in_batches, files_sha256, hf_cache_dir, load_prompts,
+                                            missing_weights, pairwise_cosine, prompts_for_samples, prompts_sha256)
 
 DEFAULT_MODEL = "laion/clap-htsat-unfused"
 DEFAULT_BATCH_SIZE = 32
@@ -160,28 +160,28 @@ def _pooled(out) -> torch.Tensor:
 def embed_audio(clap: LoadedClap, audio: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
     """[S, T] waveforms at the extractor's rate -> unit-norm audio embeddings [S, D] (float32, CPU)."""
     device = next(clap.model.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(audio), batch_size):
-            features, longer = audio_features(clap.processor.feature_extractor, audio[start:start + batch_size])
-            emb = _pooled(clap.model.get_audio_features(input_features=features.to(device, torch.float32),
-                                                        is_longer=longer.to(device)))
-            out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
-    return torch.cat(out)
+
+    def embed_batch(start, stop):
+        features, longer = audio_features(clap.processor.feature_extractor, audio[start:stop])
+        emb = _pooled(clap.model.get_audio_features(input_features=features.to(device, torch.float32),
+                                                    is_longer=longer.to(device)))
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+    return embed_in_batches(len(audio), batch_size, embed_batch)
 
 
 def embed_texts(clap: LoadedClap, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
     """Captions -> unit-norm text embeddings [N, D]."""
     device = next(clap.model.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            tokens = clap.processor.tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                                              return_tensors="pt")
-            emb = _pooled(clap.model.get_text_features(input_ids=tokens["input_ids"].to(device),
-                                                       attention_mask=tokens["attention_mask"].to(device)))
-            out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
-    return torch.cat(out)
+
+    def embed_batch(start, stop):
+        tokens = clap.processor.tokenizer(list(texts[start:stop]), padding=True, truncation=True,
+                                          return_tensors="pt")
+        emb = _pooled(clap.model.get_text_features(input_ids=tokens["input_ids"].to(device),
+                                                   attention_mask=tokens["attention_mask"].to(device)))
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+    return embed_in_batches(len(texts), batch_size, embed_batch)
 
 
 def clap_scores(clap: LoadedClap, audio: np.ndarray, sample_rate: int, captions: Sequence[str],

@@ -27,8 +27,8 @@ from harness.errors import ConfigError, StepbenchError
 from harness.metrics.base import EvalContext, Metric, MetricValue
 from harness.metrics.features import data_to_uint8_rgb, file_sha256
 from harness.metrics.text_alignment import (bootstrap_interval, bootstrap_provenance, clip_score_from_cosine,
-                                            downloads_allowed, hf_cache_dir, load_prompts, missing_weights,
-                                            pairwise_cosine, prompts_for_samples, prompts_sha256)
+                                            downloads_allowed, embed_in_batches, hf_cache_dir, load_prompts,
+                                            missing_weights, pairwise_cosine, prompts_for_samples, prompts_sha256)
 
 # torchmetrics' default CLIP (openai/clip-vit-large-patch14) under its open-clip name, so scores compare
 DEFAULT_MODEL = "ViT-L-14"
@@ -155,23 +155,15 @@ def preprocess_images(pixels: torch.Tensor, cfg: dict) -> torch.Tensor:
 def embed_images(clip: LoadedClip, pixels: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
     """uint8 [N, 3, H, W] -> unit-norm image embeddings [N, D] (float32, CPU)."""
     device = next(clip.model.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(pixels), batch_size):
-            x = preprocess_images(pixels[start:start + batch_size], clip.preprocess).to(device)
-            out.append(clip.model.encode_image(x, normalize=True).float().cpu())
-    return torch.cat(out)
+    return embed_in_batches(len(pixels), batch_size, lambda start, stop: clip.model.encode_image(
+        preprocess_images(pixels[start:stop], clip.preprocess).to(device), normalize=True))
 
 
 def embed_texts(clip: LoadedClip, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
     """Captions -> unit-norm text embeddings [N, D]; the tokenizer truncates at the context length."""
     device = next(clip.model.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            tokens = clip.tokenizer(list(texts[start:start + batch_size])).to(device)
-            out.append(clip.model.encode_text(tokens, normalize=True).float().cpu())
-    return torch.cat(out)
+    return embed_in_batches(len(texts), batch_size, lambda start, stop: clip.model.encode_text(
+        clip.tokenizer(list(texts[start:stop])).to(device), normalize=True))
 
 
 def clip_scores(clip: LoadedClip, pixels: torch.Tensor, captions: Sequence[str],

@@ -65,6 +65,14 @@ def clip_score_from_cosine(cosine: torch.Tensor) -> torch.Tensor:
     return 100.0 * cosine.clamp(min=0.0)
 
 
+def embed_in_batches(count: int, batch_size: int, embed_batch) -> torch.Tensor:
+    """torch.cat of embed_batch(start, stop) over consecutive batches of `count` items, without autograd;
+    each batch's embeddings come back as float32 on the CPU."""
+    with torch.inference_mode():
+        return torch.cat([embed_batch(start, min(start + batch_size, count)).float().cpu()
+                          for start in range(0, count, batch_size)])
+
+
 def bootstrap_interval(values: np.ndarray) -> tuple[float, float]:
     """Bootstrap interval of the mean of per-sample values (the harness's one bootstrap, fixed seed)."""
     values = np.asarray(values, dtype=np.float64)
