@@ -69,7 +69,7 @@ def measure(problem: Problem, name: str, targets=TARGET_NFES) -> Convergence:
     nfes = budgets(name, targets)
     errors = []
     for nfe in nfes:
-        if sampler.prepare_scope is not None:  # side data (e.g. the noise process for DEIS tAB), as a cell has
+        if sampler.prepare_scope is not None:  # side data (statistics, fitted ratios, searched steps), as a cell has
             sampler.use_prepared(sampler.prepare(problem.denoiser, nfe, CALIBRATION_SEED))
         # as harness.cells.generate does: the first draw is x_T, later draws feed stochastic solvers
         noise = SampleNoise(problem.seed, range(len(problem.exact)))

@@ -46,7 +46,6 @@ from harness.methods.family_solver import SOLVERS, SolverSampler
 from harness.models.base import Denoiser, DenoiserInfo
 from harness.nfe import CountingDenoiser
 from harness.noise import SampleNoise
-from harness.prepared import CALIBRATION_SEED
 from harness.schedules import VPDiscrete
 
 SHAPE = (64, 3, 32, 32)
@@ -121,8 +120,6 @@ def stepbench_run(spec: dict, nfe: int, x_T: torch.Tensor, x0: torch.Tensor):
     (seconds, seconds drawing noise), each per network evaluation."""
     sampler = SolverSampler({"family": "solver", **spec})
     denoiser = ConstantDenoiser(x0)
-    if sampler.prepare_scope is not None:  # side data made once per model (or NFE), outside the timed loop
-        sampler.use_prepared(sampler.prepare(denoiser, nfe, CALIBRATION_SEED))
 
     def run() -> tuple[float, float]:
         counted = CountingDenoiser(denoiser)

@@ -19,7 +19,6 @@ from harness.config import load_methods
 from harness.methods import make_sampler
 from harness.methods.deis_tab import deis_tab1, deis_tab2, deis_tab3, tab_weights
 from harness.methods.lms import lms
-from harness.methods.solver_base import noise_process
 from harness.methods.solvers import euler
 from harness.metrics.reference import rms_distance
 from harness.models import load_denoiser
@@ -96,7 +95,7 @@ def test_tab_is_lms_on_edm(x_T, order):
     gmm = gmm_on({"kind": "edm", "sigma_min": 0.002, "sigma_max": 80.0})
     sigmas = sigma_levels(gmm.process, 12)[:-1]
     x = x_T * sigmas[0]
-    ours = TAB[order](gmm, x, sigmas, prepared=noise_process(gmm, None, 0))
+    ours = TAB[order](gmm, x, sigmas, process=gmm.process)
     assert relative_difference(ours, lms(gmm, x, sigmas, order=order)) <= 1e-10
 
 
@@ -105,7 +104,7 @@ def test_tab1_is_ddim(x_T, kind):
     gmm = gmm_on(PROCESSES[kind])
     sigmas = sigma_levels(gmm.process, 10)
     x = x_T * gmm.process.prior_std(sigmas[0])
-    ours = deis_tab1(gmm, x, sigmas, prepared=noise_process(gmm, None, 0))
+    ours = deis_tab1(gmm, x, sigmas, process=gmm.process)
     assert relative_difference(ours, euler(gmm, x, sigmas)) <= 1e-10
 
 
@@ -144,13 +143,13 @@ def test_tab_exact_for_eps_polynomial_in_t(kind, order):
     direction = torch.tensor([1.0, -0.5], dtype=torch.float64)
     p = eps_polynomial(process, order - 1)
     ours = TAB[order](fake_model(process, p, direction), torch.zeros(1, 2, dtype=torch.float64), sigmas,
-                      prepared={"process": process})
+                      process=process)
     expected = expected_increment(process, p, sigmas, order) * direction
     assert relative_difference(ours[0], expected) <= 1e-9
     # one degree more is not integrated exactly: the check above has teeth
     p_higher = eps_polynomial(process, order)
     ours = TAB[order](fake_model(process, p_higher, direction), torch.zeros(1, 2, dtype=torch.float64), sigmas,
-                      prepared={"process": process})
+                      process=process)
     exact = quad_over_sigma(lambda s: p_higher(float(process.t(s))), process, sigmas[0], sigmas[-1]) * direction
     assert relative_difference(ours[0], exact) > 1e-6
 
@@ -171,21 +170,20 @@ def test_measured_order_is_k(kind):
         errors = []
         for nfe in NFES:
             sigmas = sigma_levels(gmm.process, nfe, {"kind": "time_quadratic"})
-            samples = tab(gmm, x_T * gmm.process.prior_std(sigmas[0]), sigmas, prepared=noise_process(gmm, None, 0))
+            samples = tab(gmm, x_T * gmm.process.prior_std(sigmas[0]), sigmas, process=gmm.process)
             errors.append(rms_distance(samples.numpy(), exact))
         measured = -np.polyfit(np.log(NFES), np.log(errors), 1)[0]
         assert abs(measured - order) <= 0.4, (order, measured, errors)
 
 
-# ---- through methods.yaml: the prepared process, the NFE ----
+# ---- through methods.yaml: the process from the sampler, the NFE ----
 
 
 @pytest.mark.parametrize("method_id", ["deis_tab2", "deis_tab3"])
-def test_methods_yaml_entries_prepare_and_spend_one_evaluation_per_step(x_T, method_id):
+def test_methods_yaml_entries_get_the_process_and_spend_one_evaluation_per_step(x_T, method_id):
     gmm = gmm_on(PROCESSES["vp_discrete"])
     spec = load_methods(REPO / "methods.yaml")[method_id]
     sampler = make_sampler(spec)
-    sampler.use_prepared(sampler.prepare(gmm, None, 0))
     calls = []
 
     class Counting:
@@ -200,7 +198,7 @@ def test_methods_yaml_entries_prepare_and_spend_one_evaluation_per_step(x_T, met
     assert len(calls) == nfe
     sigmas = sampler.sigmas(gmm.process, nfe)
     direct = TAB[int(method_id[-1])](gmm, x_T * gmm.process.prior_std(sigmas[0]), sigmas,
-                                     prepared={"process": gmm.process})
+                                     process=gmm.process)
     assert torch.equal(samples, direct)
 
 

@@ -387,10 +387,9 @@ def test_euler_ancestral_matches_ddim_eta(gmm, x_T, steps, eta):
     assert relative_difference(got, sample) <= RTOL
 
 
-def prepared_for(name, denoiser):
-    """What the workflow's prepare job hands a solver (its model-scope artifact), as keyword arguments."""
-    prepare = SOLVERS[name].prepare
-    return {"prepared": prepare(denoiser, None, 0)} if prepare else {}
+def process_for(name, denoiser):
+    """The noise process a sampler hands a solver registered with needs_process, as keyword arguments."""
+    return {"process": denoiser.process} if SOLVERS[name].needs_process else {}
 
 
 @pytest.mark.parametrize("steps", STEP_COUNTS)
@@ -407,7 +406,7 @@ def test_ddpm(gmm, x_T, steps, variance_type, name, monkeypatch):
     use_float64_tables(scheduler, gmm.process)
     scheduler.set_timesteps(timesteps=timesteps)
     expected = run_scheduler(scheduler, eps_network(gmm), x_T)
-    got = solve(name, gmm, x_T, grid(gmm.process, timesteps), noise=noise.fresh(), **prepared_for(name, gmm))
+    got = solve(name, gmm, x_T, grid(gmm.process, timesteps), noise=noise.fresh(), **process_for(name, gmm))
     assert relative_difference(got, expected) <= RTOL
 
 
@@ -420,7 +419,7 @@ def test_ddpm_large_adds_the_forward_step_variance_on_every_process(process):
     s, s_next = 1.5, 0.4
     ones = types.SimpleNamespace(randn_like=torch.ones_like)
     std = SOLVERS["ddpm_large"].fn(lambda x, sigma: torch.zeros_like(x), torch.zeros(1, dtype=torch.float64),
-                                   [s, s_next], noise=ones, prepared={"process": process})
+                                   [s, s_next], noise=ones, process=process)
     alpha, alpha_next = float(process.alpha(s)), float(process.alpha(s_next))
     forward_variance = (alpha * s) ** 2 - (alpha / alpha_next) ** 2 * (alpha_next * s_next) ** 2
     assert float(alpha_next * std) ** 2 == pytest.approx(forward_variance, rel=1e-13)
@@ -430,7 +429,7 @@ def test_stochastic_solvers_refuse_to_run_without_noise(gmm, x_T):
     sigmas = grid(gmm.process, trailing_timesteps(5))
     for name in ("euler_ancestral", "ddpm_large", "sde_dpmpp_2m", "sde_dpmpp_3m"):
         with pytest.raises(ValueError, match="per-sample noise"):
-            solve(name, gmm, x_T, sigmas, **prepared_for(name, gmm))
+            solve(name, gmm, x_T, sigmas, **process_for(name, gmm))
 
 
 # ---- the NFE each solver declares is the NFE it spends ----
@@ -447,5 +446,5 @@ def test_declared_nfe_is_measured_nfe(gmm, x_T, name):
         calls = []
         x = x_T / float(gmm.process.alpha(sigmas[0]))
         SOLVERS[name].fn(lambda x, s: calls.append(s) or gmm(x, s), x, sigmas, noise=SharedNoise(x_T.shape),
-                         **prepared_for(name, gmm))
+                         **process_for(name, gmm))
         assert len(calls) == rule.nfe(steps), f"{name}: {steps} steps"

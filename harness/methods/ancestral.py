@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from harness.methods.solver_base import noise_process, prepared_process, require_noise, solver
+from harness.methods.solver_base import require_noise, require_process, solver
 
 
 def _ancestral(model, x, sigmas, noise, name, scales):
@@ -46,10 +46,10 @@ def euler_ancestral(model, x, sigmas, noise=None, eta=1.0):
     return _ancestral(model, x, sigmas, noise, "euler_ancestral", scales)
 
 
-@solver("ddpm_large", order=1, prepare=noise_process, prepare_scope="model")
-def ddpm_large(model, x, sigmas, noise=None, prepared=None):
+@solver("ddpm_large", order=1, needs_process=True)
+def ddpm_large(model, x, sigmas, noise=None, process=None):
     """DDPM ancestral sampling with the forward step's variance (diffusers' variance_type="fixed_large")."""
-    alpha = prepared_process(prepared, "ddpm_large").alpha
+    alpha = require_process(process, "ddpm_large").alpha
 
     def scales(s, s_next):
         # the posterior mean of eta = 1 (sigma_down / s = (s_next / s)^2), the forward step's std on x~'

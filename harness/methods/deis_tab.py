@@ -16,8 +16,7 @@ kink at each of them: panels end there, and on each panel the integrand is a pol
 the rule integrates to rounding. The continuous maps (VP, EDM, flows) are smooth in u; panels this
 narrow leave errors far below 1e-12 relative.
 
-A solver function does not see the model's noise process, so a preparation step of scope "model" without
-network evaluations hands it over (solver_base.noise_process).
+The solvers are registered with needs_process: the sampler passes the model's noise process.
 
 Side by side with the reference JAX code (github.com/qsh-zh/deis, jax_deis.multistep) on VP with linear
 beta 0.1..20, on its quadratic-in-t grids (10 and 20 steps, t from 1 to 1e-3) and a uniform one, its C_ij
@@ -32,7 +31,7 @@ import math
 import numpy as np
 import torch
 
-from harness.methods.solver_base import combine, noise_process, prepared_process, solver
+from harness.methods.solver_base import combine, require_process, solver
 from harness.schedules import NoiseProcess, VPDiscrete
 
 GAUSS_NODES, GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(8)
@@ -91,19 +90,19 @@ def _tab_multistep(model, x, sigmas, process, order):
     return x
 
 
-@solver("deis_tab1", order=1, prepare=noise_process, prepare_scope="model")
-def deis_tab1(model, x, sigmas, noise=None, prepared=None):
+@solver("deis_tab1", order=1, needs_process=True)
+def deis_tab1(model, x, sigmas, noise=None, process=None):
     """DEIS tAB-1 (= DDIM)."""
-    return _tab_multistep(model, x, sigmas, prepared_process(prepared, "deis_tab1"), order=1)
+    return _tab_multistep(model, x, sigmas, require_process(process, "deis_tab1"), order=1)
 
 
-@solver("deis_tab2", order=2, prepare=noise_process, prepare_scope="model")
-def deis_tab2(model, x, sigmas, noise=None, prepared=None):
+@solver("deis_tab2", order=2, needs_process=True)
+def deis_tab2(model, x, sigmas, noise=None, process=None):
     """DEIS tAB-2: AB2 on eps with a linear polynomial in native time t."""
-    return _tab_multistep(model, x, sigmas, prepared_process(prepared, "deis_tab2"), order=2)
+    return _tab_multistep(model, x, sigmas, require_process(process, "deis_tab2"), order=2)
 
 
-@solver("deis_tab3", order=3, prepare=noise_process, prepare_scope="model")
-def deis_tab3(model, x, sigmas, noise=None, prepared=None):
+@solver("deis_tab3", order=3, needs_process=True)
+def deis_tab3(model, x, sigmas, noise=None, process=None):
     """DEIS tAB-3: AB3 on eps with a quadratic polynomial in native time t."""
-    return _tab_multistep(model, x, sigmas, prepared_process(prepared, "deis_tab3"), order=3)
+    return _tab_multistep(model, x, sigmas, require_process(process, "deis_tab3"), order=3)

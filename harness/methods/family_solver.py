@@ -51,6 +51,8 @@ class SolverSampler(Sampler):
             if self.prepared is None:
                 raise RuntimeError(f"solver {self.name!r} needs its prepared artifact (harness.prepared.load)")
             extra["prepared"] = self.prepared
+        if self.solver.needs_process:
+            extra["process"] = denoiser.process
         sigmas = (self.prepared or {}).get("sigmas") or self.sigmas(denoiser.process, nfe)
         x = noise * denoiser.process.prior_std(sigmas[0])
 

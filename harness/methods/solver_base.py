@@ -63,20 +63,23 @@ class Solver:
     # An artifact holding "sigmas" replaces the schedule (searched time steps).
     prepare: Callable | None = None
     prepare_scope: str | None = None
+    # The sampler passes the model's noise process as process=... (solvers whose update needs alpha or the
+    # native time t, which the sigma~ list does not carry).
+    needs_process: bool = False
 
 
 SOLVERS: dict[str, Solver] = {}
 
 
 def solver(name: str, order: int, nfe: NFERule = NFERule(), prepare: Callable | None = None,
-           prepare_scope: str | None = None):
+           prepare_scope: str | None = None, needs_process: bool = False):
     if (prepare is None) != (prepare_scope is None) or prepare_scope not in (None, "model", "nfe"):
         raise ValueError(f"solver {name!r}: give prepare together with prepare_scope 'model' or 'nfe'")
 
     def wrap(fn):
         if name in SOLVERS:
             raise ValueError(f"solver {name!r} registered twice")
-        SOLVERS[name] = Solver(fn, nfe, order, prepare, prepare_scope)
+        SOLVERS[name] = Solver(fn, nfe, order, prepare, prepare_scope, needs_process)
         return fn
 
     return wrap
@@ -90,16 +93,10 @@ def require_noise(noise, name: str) -> None:
         raise ValueError(f"{name} is stochastic and needs per-sample noise (harness.noise.SampleNoise)")
 
 
-def noise_process(denoiser, sigmas, calibration_seed, **params) -> dict:
-    """The preparation (scope "model", no network evaluation) of solvers that need the model's noise process,
-    which their signature does not carry."""
-    return {"process": denoiser.process}
-
-
-def prepared_process(prepared, name: str):
-    if not prepared or "process" not in prepared:
-        raise ValueError(f"{name}: needs prepared={{'process': <the model's noise process>}} (see noise_process)")
-    return prepared["process"]
+def require_process(process, name: str):
+    if process is None:
+        raise ValueError(f"{name} needs the model's noise process as process=... (registered needs_process)")
+    return process
 
 
 def combine(terms):
