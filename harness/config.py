@@ -14,6 +14,7 @@ import jsonschema
 import yaml
 
 from harness.errors import ConfigError
+from harness.schedules import schedule_function
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
@@ -78,6 +79,11 @@ def load_methods(path: str | Path = "methods.yaml") -> dict[str, dict]:
             if "solver" not in spec:
                 raise ConfigError(f"{path}: key '{method_id}': family 'solver' needs a 'solver' key")
             _check_choice(path, f"{method_id}.solver", spec["solver"], sorted(SOLVERS))
+        if "schedule" in spec:
+            try:
+                schedule_function(spec["schedule"])
+            except ConfigError as err:
+                raise ConfigError(f"{path}: key '{method_id}.schedule': {err}") from None
     return data
 
 

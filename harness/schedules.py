@@ -12,6 +12,7 @@ Schedules are plain functions (process, n) -> n decreasing sigma~ values from si
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from typing import Callable
@@ -228,22 +229,50 @@ def time_quadratic(process: NoiseProcess, n: int) -> np.ndarray:
     return process.sigma(t_lo + (t_hi - t_lo) * ramp**2)
 
 
-def explicit(process: NoiseProcess, n: int, sigmas=None, timesteps=None, interpolate: bool = False) -> np.ndarray:
-    """A given list (e.g. Align-Your-Steps), as sigma~ or as native timesteps.
+def loglinear_resample(values, count: int) -> np.ndarray:
+    """`count` points with log sigma~ linear over the index of `values` (the ends stay, and every
+    given point stays where count - 1 is a multiple of len(values) - 1)."""
+    ramp = np.linspace(0.0, 1.0, len(values))
+    return np.exp(np.interp(np.linspace(0.0, 1.0, count), ramp, np.log(np.asarray(values, float))))
 
-    Its length must be n, unless `interpolate`: then log sigma~ is resampled linearly over the list's
-    index to n points, as Align-Your-Steps does to reuse an optimised schedule at other step counts.
+
+def explicit(process: NoiseProcess, n: int, sigmas=None, timesteps=None, interpolate: bool = False) -> np.ndarray:
+    """A given list of the n noise levels where the network is evaluated, as sigma~ or as native timesteps.
+
+    Its length must be n, unless `interpolate`: then it is resampled log-linearly to n points (to reuse an
+    optimised schedule at other step counts; `align_your_steps` has the published AYS lists and recipe).
     """
     if (sigmas is None) == (timesteps is None):
         raise ConfigError("explicit schedule: give exactly one of 'sigmas' or 'timesteps'")
     values = np.asarray(sigmas if sigmas is not None else process.sigma(np.asarray(timesteps, float)), float)
     if interpolate and len(values) >= 2:
-        ramp = np.linspace(0.0, 1.0, len(values))
-        return np.exp(np.interp(np.linspace(0.0, 1.0, n), ramp, np.log(values)))
+        return loglinear_resample(values, n)
     if len(values) != n:
         raise ConfigError(f"explicit schedule has {len(values)} points; this cell needs {n} "
                           f"(or set interpolate: true)")
     return values
+
+
+# Align Your Steps (Sabour, Fidler & Kreis, ICML 2024): the published optimised 10-step noise levels,
+# sigma~ of each model's own process, 11 values from its sigma_max to its sigma_min
+# (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html).
+ALIGN_YOUR_STEPS = {
+    "sd15": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+             0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
+    "sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+             0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
+    "svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
+}
+
+
+def align_your_steps(process: NoiseProcess, n: int, model: str | None = None) -> np.ndarray:
+    """The AYS schedule optimised for `model`, by the paper's recipe for n steps: the 11 levels resampled
+    log-linearly to n + 1 points, of which the last (the model's sigma_min) gives way to the final 0.
+    At n = 10 these are the published levels. They are the optimised model's sigma~, used as they are
+    on any process (the embedded models are not the models AYS optimised for)."""
+    if model not in ALIGN_YOUR_STEPS:
+        raise ConfigError(f"align_your_steps: model {model!r} unknown; valid: {', '.join(ALIGN_YOUR_STEPS)}")
+    return loglinear_resample(ALIGN_YOUR_STEPS[model], n + 1)[:-1]
 
 
 SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
@@ -252,19 +281,31 @@ SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
     "edm_rho": edm_rho,
     "time_quadratic": time_quadratic,
     "explicit": explicit,
+    "align_your_steps": align_your_steps,
 }
+
+
+def schedule_function(spec: dict) -> tuple[Callable[..., np.ndarray], dict]:
+    """The schedule function a spec's kind names, and the spec's other keys as its parameters;
+    ConfigError for an unknown kind or parameter (a misspelt key must not silently fall back)."""
+    params = dict(spec)
+    kind = params.pop("kind", None)
+    if kind not in SCHEDULES:
+        raise ConfigError(f"schedule kind {kind!r} unknown; valid: {', '.join(SCHEDULES)}")
+    accepted = list(inspect.signature(SCHEDULES[kind]).parameters)[2:]  # after (process, n)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ConfigError(f"schedule {kind}: parameter {unknown[0]!r} unknown; valid: {', '.join(accepted) or 'none'}")
+    return SCHEDULES[kind], params
 
 
 def sigma_grid(process: NoiseProcess, steps: int, spec: dict) -> np.ndarray:
     """steps + 1 values: `steps` noise levels where the network is evaluated, then 0."""
-    params = dict(spec)
-    kind = params.pop("kind")
-    if kind not in SCHEDULES:
-        raise ConfigError(f"schedule kind {kind!r} unknown; valid: {', '.join(SCHEDULES)}")
+    schedule, params = schedule_function(spec)
     if steps == 1:
         sigmas = np.array([process.sigma_max])
     else:
-        sigmas = np.asarray(SCHEDULES[kind](process, steps, **params), dtype=np.float64)
+        sigmas = np.asarray(schedule(process, steps, **params), dtype=np.float64)
     if np.any(np.diff(sigmas) >= 0) or sigmas[-1] <= 0:
         raise ConfigError(f"schedule {spec} does not give strictly decreasing positive noise levels")
     return np.append(sigmas, 0.0)

@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.schedulers import AysSchedules
 
+from harness.config import load_methods
 from harness.errors import ConfigError
 from harness.schedules import (
+    ALIGN_YOUR_STEPS,
     EDM,
     RectifiedFlow,
     VPContinuous,
@@ -92,12 +95,48 @@ def test_explicit_schedule_interpolates_log_linearly_like_align_your_steps():
     np.testing.assert_allclose(grid[1], np.sqrt(80.0 * 10.0), rtol=1e-12)  # geometric midpoints between them
 
 
+@pytest.mark.parametrize("model, diffusers_timesteps", [("sd15", "StableDiffusionTimesteps"),
+                                                       ("sdxl", "StableDiffusionXLTimesteps")])
+def test_align_your_steps_levels_are_stable_diffusions_sigmas_at_diffusers_ays_timesteps(model, diffusers_timesteps):
+    """Our table (NVIDIA's noise levels) against diffusers' AYS timesteps on SD's own process: the same schedule."""
+    sd = VPDiscrete.from_config("scaled_linear", 0.00085, 0.012, 1000)
+    grid = sigma_grid(EDM(), 10, {"kind": "align_your_steps", "model": model})
+    rtol = 1e-8  # the table has 10 decimals: 1.7e-9 relative at its smallest level
+    np.testing.assert_allclose(grid[:-1], sd.sigma(np.asarray(AysSchedules[diffusers_timesteps], float)), rtol=rtol)
+    np.testing.assert_allclose(ALIGN_YOUR_STEPS[model][-1], sd.sigma_min, rtol=rtol)  # the table ends at SD's range
+
+
+def test_align_your_steps_video_levels_match_diffusers():
+    grid = sigma_grid(EDM(0.002, 700.0), 10, {"kind": "align_your_steps", "model": "svd"})
+    np.testing.assert_allclose(grid, AysSchedules["StableDiffusionVideoSigmas"], rtol=1e-13)  # both end with the final 0
+
+
+def test_align_your_steps_other_step_counts_follow_the_papers_recipe():
+    """11 levels resampled log-linearly to n + 1 points, the last dropped: at n = 20 every published level
+    stays at an even index and the odd ones are geometric means of their neighbours."""
+    levels = np.asarray(ALIGN_YOUR_STEPS["sdxl"])
+    grid = sigma_grid(EDM(), 20, {"kind": "align_your_steps", "model": "sdxl"})[:-1]
+    np.testing.assert_allclose(grid[::2], levels[:10], rtol=1e-12)
+    np.testing.assert_allclose(grid[1::2], np.sqrt(levels[:10] * levels[1:]), rtol=1e-12)
+
+
+def test_misspelt_schedule_parameter_in_methods_yaml_is_one_line_error(tmp_path):
+    path = tmp_path / "methods.yaml"
+    path.write_text("ays:\n  family: solver\n  solver: euler\n  schedule: {kind: align_your_steps, modle: sd15}\n")
+    with pytest.raises(ConfigError) as err:
+        load_methods(path)
+    assert str(err.value) == (f"{path}: key 'ays.schedule': schedule align_your_steps: parameter 'modle' unknown; "
+                              "valid: model")
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
         ({"kind": "warp"}, "schedule kind 'warp' unknown; valid:"),
         ({"kind": "explicit", "sigmas": [3.0, 2.0]}, "explicit schedule has 2 points; this cell needs 3"),
         ({"kind": "explicit", "sigmas": [1.0, 2.0, 3.0]}, "strictly decreasing"),
+        ({"kind": "edm_rho", "rho": 7.0, "sigma_min": 0.1}, "schedule edm_rho: parameter 'sigma_min' unknown; valid: rho"),
+        ({"kind": "align_your_steps", "model": "sd3"}, "align_your_steps: model 'sd3' unknown; valid: sd15, sdxl, svd"),
     ],
 )
 def test_bad_schedules_are_config_errors(spec, message):
