@@ -23,7 +23,7 @@ from harness.methods.dc_solver import dc_solver
 from harness.methods.dpm_solver_v3 import _Tables, dpm_solver_v3, empirical_model_statistics
 from harness.methods.momentum import dpmpp_2m_hb, plms_ghvb, plms_hb
 from harness.methods.solvers import dpmpp_2m, euler
-from harness.methods.time_shift import training_time_steps, ts_dpm
+from harness.methods.time_shift import ts_dpm
 from harness.methods.unipc import unipc
 from harness.metrics.reference import rms_distance
 from harness.models import load_denoiser
@@ -94,15 +94,14 @@ def test_time_shift_off_is_ddim_and_dpm_solver_2_converges(denoisers, exact, tmp
     """With the cutoff above every time step nothing is shifted: TS-DDIM is DDIM (= euler) and TS-DPM
     is multistep DPM-Solver-2, which converges; with the shift on, the samples differ."""
     model = denoisers["digits-ideal"]
-    levels = training_time_steps(model, None, 0)
     sigmas = [float(s) for s in np.exp(np.linspace(np.log(157.0), np.log(0.01), 8))] + [0.0]
     x = torch.randn(5, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 157.0
     never = 10**9
-    assert torch.allclose(ts_dpm(model, x, sigmas, prepared=levels, order=1, cutoff=never), euler(model, x, sigmas),
-                          rtol=1e-10, atol=1e-10)
+    assert torch.allclose(ts_dpm(model, x, sigmas, process=model.process, order=1, cutoff=never),
+                          euler(model, x, sigmas), rtol=1e-10, atol=1e-10)
     gmm, gmm_sigmas = denoisers["gmm2d"], [80.0, 20.0, 5.0, 1.0, 0.2, 0.002, 0.0]
     x_gmm = torch.randn(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 80.0
-    shifted = ts_dpm(gmm, x_gmm, gmm_sigmas, prepared=training_time_steps(gmm, None, 0), order=1, cutoff=0)
+    shifted = ts_dpm(gmm, x_gmm, gmm_sigmas, process=gmm.process, order=1, cutoff=0)
     assert not torch.allclose(shifted, euler(gmm, x_gmm, gmm_sigmas))
     errors = [rms_distance(run(denoisers, "gmm2d", spec("ts_dpm", cutoff=never), nfe, 200, tmp_path).samples,
                         exact["gmm2d"]) for nfe in (10, 40)]

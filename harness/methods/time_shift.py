@@ -19,8 +19,9 @@ time; this follows the paper's algorithm (the sample x_t from the scheduled step
 shifted time tau). Processes without a training grid (continuous VP, EDM, flows) get 1000 time steps
 uniform in native time as theirs.
 
-The candidate time steps depend on the model's noise process, which a solver function does not see,
-so a preparation step (scope model, no network evaluation) stores them: sigma~ and alpha per step.
+The candidate time steps (sigma~ and alpha per training step) follow from the model's noise process
+alone, with no network evaluation: the solver is registered with needs_process, so the sampler passes
+the process and the solver reads them off it.
 """
 
 from __future__ import annotations
@@ -28,21 +29,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness.methods.solver_base import solver
+from harness.methods.solver_base import require_process, solver
 from harness.schedules import VPDiscrete
 
 CONTINUOUS_GRID_STEPS = 1000  # stand-in training grid for processes without one (a DDPM's length)
 
 
-def training_time_steps(denoiser, sigmas, calibration_seed, **params) -> dict:
-    """The candidate time steps: the process's training grid (sigma~ and alpha per step, ascending)."""
-    process = denoiser.process
+def training_grid(process) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate time steps: the process's training grid as sigma~ and alpha per step, ascending."""
     if isinstance(process, VPDiscrete):
         times = np.arange(len(process.sigmas), dtype=np.float64)
     else:
         times = np.linspace(*process.t_range, CONTINUOUS_GRID_STEPS)
     grid_sigmas = np.asarray(process.sigma(times), dtype=np.float64)
-    return {"grid_sigmas": grid_sigmas.tolist(), "grid_alphas": np.asarray(process.alpha(grid_sigmas)).tolist()}
+    grid_alphas = np.asarray(process.alpha(grid_sigmas), dtype=np.float64)
+    return torch.tensor(grid_sigmas, dtype=torch.float64), torch.tensor(grid_alphas, dtype=torch.float64)
 
 
 def _shifted_levels(x_scheduled, sigma_scheduled, grid_sigmas, grid_alphas, window, cutoff):
@@ -62,14 +63,13 @@ def _shifted_levels(x_scheduled, sigma_scheduled, grid_sigmas, grid_alphas, wind
     return unscaled / alphas, grid_sigmas[best]
 
 
-@solver("ts_dpm", order=1, prepare=training_time_steps, prepare_scope="model")
-def ts_dpm(model, x, sigmas, noise=None, prepared=None, order=2, window=10, cutoff=300):
+@solver("ts_dpm", order=1, needs_process=True)
+def ts_dpm(model, x, sigmas, noise=None, process=None, order=2, window=10, cutoff=300):
     """TS-DPM (order=2: multistep DPM-Solver-2, noise prediction) or TS-DDIM (order=1). Registered
     order 1: shifting the time steps by the sample's variance makes no promise of the base order."""
     if order not in (1, 2):
         raise ValueError(f"ts_dpm: order must be 1 (TS-DDIM) or 2 (TS-DPM); got {order}")
-    grid_sigmas = torch.tensor(prepared["grid_sigmas"], dtype=torch.float64)
-    grid_alphas = torch.tensor(prepared["grid_alphas"], dtype=torch.float64)
+    grid_sigmas, grid_alphas = training_grid(require_process(process, "ts_dpm"))
     shape = (-1, *[1] * (x.ndim - 1))
     level = torch.full((x.shape[0],), sigmas[0], dtype=torch.float64)
     eps_last, h_last = None, None
