@@ -5,6 +5,7 @@ from the same noise) at NFE about 20, 40 and 80, and the order measured as minus
 log exact_err against log NFE, next to the solver's theoretical order.
 
     python benchmarks/convergence_order.py [SOLVER ...] [--samples 1000] [--nfe 20 40 80 160 320]
+                                           [--schedule '{kind: logsnr_uniform}']
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import yaml
 
 from harness.config import load_models
 from harness.methods import make_sampler
@@ -64,8 +66,8 @@ def budgets(name: str, targets=TARGET_NFES) -> list[int]:
     return nfes
 
 
-def measure(problem: Problem, name: str, targets=TARGET_NFES) -> Convergence:
-    sampler = make_sampler({"family": "solver", "solver": name, "schedule": SCHEDULE})
+def measure(problem: Problem, name: str, targets=TARGET_NFES, schedule: dict = SCHEDULE) -> Convergence:
+    sampler = make_sampler({"family": "solver", "solver": name, "schedule": schedule})
     nfes = budgets(name, targets)
     errors = []
     for nfe in nfes:
@@ -94,13 +96,15 @@ def main() -> None:
     parser.add_argument("--nfe", type=int, nargs="+", default=list(TARGET_NFES),
                         help="target NFEs, two or more (default: %(default)s); with more than three, the local orders "
                              "between neighbours show where each solver reaches its asymptotic order")
+    parser.add_argument("--schedule", type=yaml.safe_load, default=SCHEDULE,
+                        help="time steps, as in methods.yaml (default: %(default)s)")
     args = parser.parse_args()
 
     problem = make_problem(args.samples, models_file=args.models_file)
-    print(f"gmm2d ({problem.denoiser.process.kind} process), {args.samples} samples, EDM rho=7 steps")
+    print(f"gmm2d ({problem.denoiser.process.kind} process), {args.samples} samples, steps {args.schedule}")
     print(f"{'solver':<16}{'theory':>7}{'measured':>10}   exact_err at NFE   | local orders")
     for name in args.solvers:
-        c = measure(problem, name, args.nfe)
+        c = measure(problem, name, args.nfe, args.schedule)
         errs = "  ".join(f"{n}: {e:.3e}" for n, e in zip(c.nfes, c.errors))
         local = " ".join(f"{o:.2f}" for o in local_orders(c))
         print(f"{c.solver:<16}{c.theory:>7}{c.order:>10.2f}   {errs}   | {local}")
