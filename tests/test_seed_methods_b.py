@@ -15,12 +15,13 @@ from scipy.integrate import solve_ivp
 from harness import prepared
 from harness.cells import generate
 from harness.config import load_models
-from harness.errors import UnsupportedNFE
+from harness.errors import ConfigError, UnsupportedNFE
 from harness.methods import make_sampler
 from harness.methods.dmcmc import _rowwise_schedules, _solve_rowwise
 from harness.methods.schedule_search import usf_solve
-from harness.methods.solver_base import SOLVERS
-from harness.methods.teleport import gaussian_flow, restart_schedule
+from harness.methods.family_solver import SOLVERS  # the whole zoo registered
+from harness.methods.solver_base import NFERule
+from harness.methods.teleport import base_solver, gaussian_flow, restart_schedule
 from harness.metrics.reference import rms_distance
 from harness.models import load_denoiser
 from harness.references import exact_solution
@@ -100,6 +101,13 @@ def test_teleport_moments_follow_the_documented_rule(denoisers):
                                rtol=0.02)
     assert solver.prepare(denoiser=denoisers["digits-ideal"], sigmas=None, calibration_seed=1)["source"] == \
         "dataset digits"
+
+
+@pytest.mark.parametrize("base", ["ts_dpm", "deis_tab2", "dc_solver"])
+def test_wrappers_refuse_base_solvers_needing_a_process_or_prepared_data(base):
+    """teleport, DualFast and AutoDiffusion call their base with the sigmas alone."""
+    with pytest.raises(ConfigError, match=rf"^teleport: base solver '{base}' not usable here; valid: .*dpmpp_2m"):
+        base_solver(base, NFERule(), "teleport")
 
 
 def test_restart_schedule_keeps_steps_and_starts_at_the_new_level():

@@ -9,7 +9,8 @@ DDPM with the large variance ("fixed_large", sigma_t^2 = beta_t) keeps that post
 variance of the forward step q(x_t | x_t') instead. Over a strided step that is diffusers' current_beta_t =
 1 - alpha_bar_t / alpha_bar_t', not the training beta at t: on unscaled x it is
 sigma_t^2 - (alpha_t / alpha_t')^2 sigma_t'^2 for every process, i.e. (alpha_t / alpha_t')^2 (sigma~^2 - sigma~'^2)
-on x~'. It depends on alpha, not only on sigma~, so the solver gets the model's process prepared.
+on x~'. It depends on alpha, not only on sigma~, so the solver is registered needs_process and the sampler
+passes it the model's process.
 """
 
 from __future__ import annotations

@@ -43,9 +43,14 @@ HEUN_RULE = NFERule(per_step=2, saved_at_end=1)
 
 
 def base_solver(name: str, rule: NFERule, method: str):
-    """The registered solver `name`, checked to spend NFE as `rule` says (so the audit holds)."""
-    valid = sorted(n for n, s in SOLVERS.items() if s.nfe == rule and s.prepare is None)
-    if name not in SOLVERS or SOLVERS[name].nfe != rule or SOLVERS[name].prepare is not None:
+    """The registered solver `name`, checked to spend NFE as `rule` says (so the audit holds) and to need
+    nothing but the model and the sigmas (no prepared data, no noise process: the wrappers pass neither)."""
+
+    def usable(s):
+        return s.nfe == rule and s.prepare is None and not s.needs_process
+
+    valid = sorted(n for n, s in SOLVERS.items() if usable(s))
+    if name not in SOLVERS or not usable(SOLVERS[name]):
         raise ConfigError(f"{method}: base solver {name!r} not usable here; valid: {', '.join(valid)}")
     return SOLVERS[name].fn
 
