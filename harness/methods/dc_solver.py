@@ -15,11 +15,17 @@ interpolation order 2 in native time, the warm-up steps (fewer than three output
 uncompensated, greedy per-step fits on 10 samples against the reference trajectory's state, MSE loss.
 Differs: the reference runs 40 AdamW steps (lr 0.1) from r = 1; here Brent's method from a bracket at
 r = 1 finds the nearest local minimum without gradients (so networks need no backward pass). The
-reference trajectory is DPM-Solver++(2M) with `reference_substeps` log-uniform substeps per step
-(the reference code uses a 999-step DDIM). The final step to sigma~ = 0 returns the compensated data
-prediction, so the last ratio is fitted against the reference's final sample. The cascade polynomial
-regression that predicts ratios for unseen NFE/guidance (paper Sec. 3.3) is not implemented: ratios
-are fitted for each NFE. NFE: one evaluation per step (NFE = steps), as UniPC.
+reference trajectory is DPM-Solver++(2M) with `reference_substeps` log-uniform substeps per step (the
+reference code uses a 200-step DDIM and matches each step to the nearest earlier stored point). The
+final step to sigma~ = 0 returns the compensated data prediction, so the last ratio is fitted against
+the reference's final sample. The cascade polynomial regression that predicts ratios for unseen
+NFE/guidance (paper Sec. 3.3) is not implemented: ratios are fitted for each NFE. NFE: one evaluation
+per step (NFE = steps), as UniPC.
+
+Checked side by side with the reference code (not committed) on the same ratios, order 3, bh1 and bh2,
+NFE 5-10: samples agree to 5e-15 on gmm2d; on digits-ideal to 2e-7, because the reference interpolates
+native time between training steps in log alpha where VPDiscrete does in log sigma~. With Brent put in
+its search, the reference finds the same ratios to 1e-7.
 """
 
 from __future__ import annotations

@@ -34,7 +34,12 @@ grid, so few calibration lambdas do not limit the accuracy of the integrator. Th
 sigma~ = 0 returns the data prediction of the (corrected) last point, D + (1 - l)(x_corrected - x).
 Defaults are the reference README's recommendation (order 3, corrector of pseudo-order +1; its EDM
 script instead switches a pseudo-order predictor on for <= 5 steps and the corrector off above 6).
-NFE: one evaluation per step (NFE = steps).
+NFE: one evaluation per step (NFE = steps), over `steps` noise levels ending at sigma_min; the reference
+spends NFE N on N + 1 levels and returns x at sigma_min, so its numbers at a given NFE are not ours.
+
+Checked side by side with the reference code (not committed) on gmm2d, the same statistics, time steps
+and noise, six predictor/corrector settings at NFE 5-10: with INTEGRATION_REFINE = 1 and the reference's
+float32 time tensors made float64, samples agree to 1e-11.
 """
 
 from __future__ import annotations
