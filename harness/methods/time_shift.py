@@ -15,9 +15,13 @@ TS-DDIM uses e.g. window 5-30 and cutoff 300-900 of 1000), per-sample shifts, th
 (order=1) and multistep DPM-Solver-2 in noise prediction with lower order on the first and last step
 (order=2, TS-DPM), both run on the shifted time steps. Differs: the reference TS-DPM code takes the
 variance of the noise prediction instead of the sample and sends the step straight to the shifted
-time; this follows the paper's algorithm (the sample x_t from the scheduled step, re-read at the
-shifted time tau). Processes without a training grid (continuous VP, EDM, flows) get 1000 time steps
-uniform in native time as theirs.
+time, and its TS-DDIM (pnm_solver) matches the sample before the step to the window around the step's
+target, sends the step there and calls the network at the scheduled steps; this follows the paper's
+algorithm (the sample x_t from the scheduled step, re-read at the shifted time tau). Side by side with
+the reference code on digits-ideal (integer steps, NFE 5-20): shifting off, it is the reference's DDIM
+and multistep DPM-Solver-2 to 2e-10; with the reference's statistic and step target swapped in, it
+picks the same shifted steps and samples to 1e-11. Processes without a training grid (continuous VP,
+EDM, flows) get 1000 time steps uniform in native time as theirs.
 
 The candidate time steps (sigma~ and alpha per training step) follow from the model's noise process
 alone, with no network evaluation: the solver is registered with needs_process, so the sampler passes
