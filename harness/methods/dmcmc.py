@@ -19,6 +19,10 @@ Differs:
     denoiser evaluation the Langevin step makes anyway: s^2 = |x - D(x, s)|^2 / dim (no extra NFE);
   - the Langevin step is scaled with the noise level, eta = `step` * s^2 (annealed Langevin), since a
     single fixed eta cannot serve every model's scale.
+Checked side by side on gmm2d against a port of the official DLG loop with this estimator as its
+classifier: hand-off states and samples bit-identical once the port's Langevin step takes the previous
+state's level, as sharing one evaluation between step and estimate requires (the official order costs
+one more NFE per iteration and sampled worse here: energy distance 0.018 vs 0.010 at 3 solver steps).
 Being stochastic, it does not track the PF-ODE solution from its noise, so `exact_err` is not its
 measure; the paper's claim is about distribution quality (FID).
 
