@@ -7,13 +7,14 @@ Denoiser call and NFE counter; diffusers' scale_model_input and step). Batch 64 
 on CPU. Prints a table and, last, `worst_ratio_vs_diffusers=X` (stepbench / diffusers, worst pair).
 
 Stochastic solvers also draw a fresh Gaussian per element and step. Both sides draw the same count
-from torch's CPU generator (stepbench from one generator per sample, which is what makes samples
-batch-independent; diffusers from the one generator of its usual loop), and that draw is most of such
-a step whoever implements the solver. The draws are timed on both sides and shown in their own
-columns; the ratio, and so `worst_ratio_vs_diffusers`, compares what is left, the solver's own work.
-The ratio with the draws included is printed too.
+from torch's CPU generators under the same contract, one generator per sample (what makes a sample
+independent of its batch; diffusers takes a list of generators for that, `--diffusers-generator one`
+gives it its single-generator loop instead), and that draw is most of such a step whoever implements
+the solver. The draws are timed on both sides and shown in their own columns; the ratio, and so
+`worst_ratio_vs_diffusers`, compares what is left, the solver's own work. The ratio with the draws
+included is printed too.
 
-    python benchmarks/solver_overhead.py [--steps 25] [--repeats 7]
+    python benchmarks/solver_overhead.py [--steps 25] [--repeats 15] [--diffusers-generator per-sample|one]
 """
 
 from __future__ import annotations
@@ -134,14 +135,20 @@ def stepbench_run(spec: dict, nfe: int, x_T: torch.Tensor, x0: torch.Tensor):
     return run
 
 
-def diffusers_run(make_scheduler, steps: int, x_T: torch.Tensor, eps: torch.Tensor):
+def diffusers_generator(kind: str):
+    """Per sample: one generator each, the noise contract stepbench keeps; one: a single generator."""
+    if kind == "one":
+        return torch.Generator().manual_seed(0)
+    return [torch.Generator().manual_seed(i) for i in range(SHAPE[0])]
+
+
+def diffusers_run(make_scheduler, steps: int, x_T: torch.Tensor, eps: torch.Tensor, generator_kind: str):
     """One timed run of the usual diffusers loop (set_timesteps, scale_model_input, step):
     (seconds, seconds drawing noise), each per network evaluation."""
 
     def run() -> tuple[float, float]:
         sched = make_scheduler()
-        # stochastic schedulers draw noise; give them a generator as stepbench has per-sample ones
-        extra = {"generator": torch.Generator().manual_seed(0)} if _takes_generator(sched) else {}
+        extra = {"generator": diffusers_generator(generator_kind)} if _takes_generator(sched) else {}
         module, clock = sys.modules[type(sched).__module__], DrawClock()
         draws = timed_attribute(module, "randn_tensor", clock) if hasattr(module, "randn_tensor") \
             else contextlib.nullcontext()
@@ -179,6 +186,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--diffusers-generator", choices=["per-sample", "one"], default="per-sample",
+                        help="noise generators diffusers' stochastic schedulers draw from (default: %(default)s)")
     args = parser.parse_args()
     diffusers_logging.set_verbosity_error()  # schedulers warn about their own defaults on every build
     gen = torch.Generator().manual_seed(0)
@@ -194,7 +203,7 @@ def main() -> None:
             continue
         (ours, ours_draws), (theirs, theirs_draws) = fastest_of(
             [stepbench_run(spec, SOLVERS[name].nfe.nfe(args.steps), x_T, x0),
-             diffusers_run(make_scheduler, args.steps, x_T, eps)], args.repeats)
+             diffusers_run(make_scheduler, args.steps, x_T, eps, args.diffusers_generator)], args.repeats)
         ratios.append(ours / theirs)
         with_draws.append((ours + ours_draws) / (theirs + theirs_draws))
         rows.append((label, scheduler_name, (ours, ours_draws), (theirs, theirs_draws),
@@ -202,7 +211,7 @@ def main() -> None:
 
     print(f"per-network-evaluation overhead, batch {'x'.join(map(str, SHAPE))} float32, CPU "
           f"({torch.get_num_threads()} threads), fastest of {args.repeats} alternating runs; "
-          f"microseconds, noise draws apart")
+          f"microseconds, noise draws apart (diffusers' generators: {args.diffusers_generator})")
     print(f"{'stepbench':<26} {'diffusers':<34} {'ours':>8} {'draws':>7} {'diffusers':>10} {'draws':>7}  note")
     for name, sched, ours, theirs, note in rows:
         cells = [f"{ours[0] * 1e6:8.1f}", f"{ours[1] * 1e6:7.1f}", f"{theirs[0] * 1e6:10.1f}",

@@ -15,10 +15,17 @@ ADAMS_BASHFORTH = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 2
 PRK_STEPS = 3  # PNDM's pseudo Runge-Kutta warm-up: 3 steps of 4 evaluations
 
 
-def _eps(model, x, sigma):
+def _eps(model, x, sigma, out=None):
     """The noise prediction eps = (x - D) / sigma as the pair (x - D, sigma): one kernel, the 1/sigma is
-    left to the float weights of the transfer."""
-    return torch.sub(x, model(x, sigma)), sigma
+    left to the float weights of the transfer. `out` recycles a tensor that has left the history."""
+    return torch.sub(x, model(x, sigma), out=out), sigma
+
+
+def _recycled(history):
+    """The buffer of the prediction about to leave a full history (newest first, 4 deep), else None.
+    Reusing it, and updating x in place, keeps the loop from allocating (and on CPU page-faulting)
+    two fresh batch-sized tensors per step."""
+    return history[-1][0] if len(history) == len(ADAMS_BASHFORTH) else None
 
 
 def _transfer(x, weighted_eps, s, s_next):
@@ -26,9 +33,16 @@ def _transfer(x, weighted_eps, s, s_next):
     return combine([(1.0, x)] + [((s_next - s) * w / sigma, diff) for w, (diff, sigma) in weighted_eps])
 
 
-def _adams_bashforth(x, history, s, s_next):
-    """The transfer along the Adams-Bashforth combination of `history` (newest first, at most 4)."""
-    return _transfer(x, zip(ADAMS_BASHFORTH[len(history) - 1], history), s, s_next)
+def _transfer_(x, weighted_eps, s, s_next):
+    """`_transfer` in place on x (the same operations in the same order, so the same numbers)."""
+    for w, (diff, sigma) in weighted_eps:
+        x.add_(diff, alpha=(s_next - s) * w / sigma)
+    return x
+
+
+def _adams_bashforth_(x, history, s, s_next):
+    """The transfer along the Adams-Bashforth combination of `history` (newest first, at most 4), in place."""
+    return _transfer_(x, zip(ADAMS_BASHFORTH[len(history) - 1], history), s, s_next)
 
 
 @solver("pndm", order=2, nfe=NFERule(per_step=1, saved_at_end=-9, min_steps=PRK_STEPS + 1))
@@ -36,18 +50,19 @@ def pndm(model, x, sigmas, noise=None):
     """PNDM: 3 pseudo Runge-Kutta steps (4 evaluations each, midpoints halfway in lambda), then
     pseudo linear multistep (AB4) steps: NFE = steps + 9. Constant AB weights on unequal steps make it
     second order on smooth schedules."""
+    x = x.clone()  # updated in place below; the caller's tensor stays as it was
     history = []  # noise predictions at the start of each step, newest first
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        eps = _eps(model, x, s)
+        eps = _eps(model, x, s, out=_recycled(history))
         history = [eps] + history[:3]
         if i < PRK_STEPS:
             s_mid = (s * s_next) ** 0.5
             k2 = _eps(model, _transfer(x, [(1.0, eps)], s, s_mid), s_mid)
             k3 = _eps(model, _transfer(x, [(1.0, k2)], s, s_mid), s_mid)
             k4 = _eps(model, _transfer(x, [(1.0, k3)], s, s_next), s_next)
-            x = _transfer(x, [(1 / 6, eps), (2 / 6, k2), (2 / 6, k3), (1 / 6, k4)], s, s_next)
+            _transfer_(x, [(1 / 6, eps), (2 / 6, k2), (2 / 6, k3), (1 / 6, k4)], s, s_next)
         else:
-            x = _adams_bashforth(x, history, s, s_next)
+            _adams_bashforth_(x, history, s, s_next)
     return x
 
 
@@ -55,15 +70,16 @@ def pndm(model, x, sigmas, noise=None):
 def plms(model, x, sigmas, noise=None):
     """PLMS as diffusers' PNDMScheduler(skip_prk_steps=True), e.g. Stable Diffusion's: a first step
     averaging the noise predictions at both ends (2 evaluations), then AB2, AB3, AB4: NFE = steps + 1."""
+    x = x.clone()
     history = []
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        eps = _eps(model, x, s)
+        eps = _eps(model, x, s, out=_recycled(history))
         history = [eps] + history[:3]
         if i == 0:
             eps_end = _eps(model, _transfer(x, [(1.0, eps)], s, s_next), s_next)
-            x = _transfer(x, [(1 / 2, eps), (1 / 2, eps_end)], s, s_next)  # eps_end is not kept in the history
+            _transfer_(x, [(1 / 2, eps), (1 / 2, eps_end)], s, s_next)  # eps_end is not kept in the history
         else:
-            x = _adams_bashforth(x, history, s, s_next)
+            _adams_bashforth_(x, history, s, s_next)
     return x
 
 
@@ -71,8 +87,9 @@ def plms(model, x, sigmas, noise=None):
 def ipndm(model, x, sigmas, noise=None):
     """iPNDM (Zhang & Chen 2023): AB on the noise prediction with lower-order warm-up (AB1..AB4), one
     evaluation per step."""
+    x = x.clone()
     history = []
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        history = [_eps(model, x, s)] + history[:3]
-        x = _adams_bashforth(x, history, s, s_next)
+        history = [_eps(model, x, s, out=_recycled(history))] + history[:3]
+        _adams_bashforth_(x, history, s, s_next)
     return x
