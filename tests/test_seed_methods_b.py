@@ -18,7 +18,8 @@ from harness.config import load_models
 from harness.errors import ConfigError, UnsupportedNFE
 from harness.methods import make_sampler
 from harness.methods.dmcmc import _rowwise_schedules, _solve_rowwise
-from harness.methods.schedule_search import usf_solve
+from harness.methods.schedule_search import (DATA, NOISE, _finite_difference, _taylor_update, unified_solve,
+                                             usf_solve)
 from harness.methods.family_solver import SOLVERS  # the whole zoo registered
 from harness.methods.solver_base import NFERule
 from harness.methods.teleport import base_solver, gaussian_flow, restart_schedule
@@ -149,8 +150,88 @@ def test_search_artifact_records_schedule_and_budget(denoisers, method_id):
     assert search["evaluations"] == SMALL_SEARCH["max_evals"]
     assert search["network_evals"] > search["network_evals_reference"] > 0
     assert artifact["objective"] <= artifact["objective_initial"]
-    if method_id == "usf":
-        assert len(artifact["orders"]) == len(artifact["correctors"]) == nfe
+    if method_id == "usf":  # the default decision space: every per-step gene recorded
+        for gene in ("orders", "predictions", "estimates", "relaxations", "relax_coefs", "correctors"):
+            assert len(artifact[gene]) == nfe
+        assert set(artifact["predictions"]) <= {DATA, NOISE} and set(artifact["correctors"]) <= {0, 1, 2}
+
+
+def test_usf_earlier_decision_space_stays_available_and_unknown_spaces_are_refused(denoisers):
+    spec = {"family": "solver", "solver": "usf", "params": {**SMALL_SEARCH, "decisions": "unipc"}}
+    artifact = make_sampler(spec).prepare(denoisers["gmm2d"], 5, calibration_seed=7)
+    assert "predictions" not in artifact and len(artifact["orders"]) == len(artifact["correctors"]) == 5
+    assert artifact["objective"] <= artifact["objective_initial"]
+    with pytest.raises(ConfigError, match="decisions"):
+        make_sampler({"family": "solver", "solver": "usf", "params": {"decisions": "all"}}).prepare(
+            denoisers["gmm2d"], 5, calibration_seed=7)
+
+
+N_STEPS = 5
+SECOND_ORDER = {"orders": [2] * N_STEPS, "estimates": [2] * N_STEPS, "relaxations": [1] * N_STEPS,
+                "relax_coefs": [0.0] * N_STEPS}
+
+
+def test_usf_unified_integrator_in_data_prediction_is_dpmpp_2m_and_with_unic_the_earlier_unipc(denoisers):
+    denoiser = denoisers["gmm2d"]
+    x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 80.0
+    sigmas = [80.0, 9.0, 1.7, 0.4, 0.03, 0.0]
+    plain = unified_solve(denoiser, x, sigmas, predictions=[DATA] * N_STEPS, correctors=[0] * N_STEPS, **SECOND_ORDER)
+    torch.testing.assert_close(plain, SOLVERS["dpmpp_2m"].fn(denoiser, x, sigmas), rtol=1e-12, atol=1e-12)
+    unic = unified_solve(denoiser, x, sigmas, predictions=[DATA] * N_STEPS, correctors=[1] * N_STEPS, **SECOND_ORDER)
+    torch.testing.assert_close(unic, usf_solve(denoiser, x, sigmas, [2] * N_STEPS, [1] * N_STEPS),
+                               rtol=1e-12, atol=1e-12)
+    assert (unic - plain).abs().max() > 1e-3  # the corrector does something
+
+
+def _dpm_solver_2m_noise_prediction(model, x, sigmas):
+    """Multistep DPM-Solver-2 (Lu et al. 2022, noise prediction, 'dpmsolver' variant) with alpha = 1, written
+    out by hand: x_t = x_s - (sigma_s - sigma_t) eps_s - (sigma_s - sigma_t) / (2 r) (eps_s - eps_prev),
+    r = h_prev / h; first order on the first step and to sigma = 0."""
+    eps_prev, h_prev = None, None
+    for s, t in zip(sigmas[:-1], sigmas[1:]):
+        eps = (x - model(x, s)) / s
+        if t == 0:
+            return x - s * eps
+        h = math.log(s / t)
+        x_next = x - (s - t) * eps
+        if eps_prev is not None:
+            x_next = x_next - (s - t) * (h / h_prev) / 2 * (eps - eps_prev)
+        x, eps_prev, h_prev = x_next, eps, h
+    return x
+
+
+def test_usf_unified_integrator_in_noise_prediction_is_multistep_dpm_solver_2(denoisers):
+    denoiser = denoisers["digits-ideal"]
+    shape = denoiser.info.data_shape
+    x = torch.randn(4, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 80.0
+    sigmas = [80.0, 9.0, 1.7, 0.4, 0.03, 0.0]
+    ours = unified_solve(denoiser, x, sigmas, predictions=[NOISE] * N_STEPS, correctors=[0] * N_STEPS, **SECOND_ORDER)
+    torch.testing.assert_close(ours, _dpm_solver_2m_noise_prediction(denoiser, x, sigmas), rtol=1e-10, atol=1e-10)
+    data = unified_solve(denoiser, x, sigmas, predictions=[DATA] * N_STEPS, correctors=[0] * N_STEPS, **SECOND_ORDER)
+    assert (ours - data).abs().max() > 1e-3  # the prediction type is a real decision
+
+
+@pytest.mark.parametrize("prediction", [DATA, NOISE])
+def test_usf_third_order_taylor_step_is_exact_for_a_quadratic_model_output(prediction):
+    """With the model output quadratic in lambda = -log sigma, the finite differences over two earlier points
+    give its exact derivatives and the order-3 exponential-integrator step is the exact ODE solution:
+    data x_t = (sigma_t/sigma_s) x_s + sigma_t int e^lam D dlam; noise x_t = x_s - int e^-lam eps dlam."""
+    from scipy.integrate import quad
+
+    coef = (0.7, -0.4, 0.15)
+    value = lambda lam: coef[0] + coef[1] * lam + coef[2] * lam ** 2  # noqa: E731
+    lams = [-math.log(8.0), -math.log(3.0), -math.log(1.1)]  # earlier, earlier, start
+    lam_t = -math.log(0.2)
+    values = [torch.tensor([value(lam)], dtype=torch.float64) for lam in lams]
+    derivatives = [_finite_difference(lams, values, -1, [-3, -2], k) for k in (1, 2)]
+    torch.testing.assert_close(derivatives[0], torch.tensor([coef[1] + 2 * coef[2] * lams[-1]], dtype=torch.float64))
+    x_s, s, t = torch.tensor([1.3], dtype=torch.float64), math.exp(-lams[-1]), math.exp(-lam_t)
+    step = _taylor_update(x_s, s, t, lam_t - lams[-1], prediction, values[-1], derivatives)
+    if prediction == DATA:
+        exact = (t / s) * 1.3 + t * quad(lambda lam: math.exp(lam) * value(lam), lams[-1], lam_t)[0]
+    else:
+        exact = 1.3 - quad(lambda lam: math.exp(-lam) * value(lam), lams[-1], lam_t)[0]
+    assert abs(float(step) - exact) < 1e-12
 
 
 # ---- the papers' claims on gmm2d, exact_err from the same noise ----
