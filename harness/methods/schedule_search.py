@@ -3,6 +3,12 @@
 - `autodiffusion`: AutoDiffusion (Li et al., "AutoDiffusion: Training-Free Optimization of Time Steps
   and Architectures for Automated Diffusion Model Acceleration", ICCV 2023), time steps only:
   evolutionary search (mutation + crossover of time-step sets) for the time steps of a fixed solver.
+  The reference (github.com/lilijiangg/AutoDiffusion, search_ea.py / search_*.py) searches a set of grid
+  time steps (integers 0-999, or DPM-Solver's 1000-point time-uniform grid), none fixed, with DDIM, PLMS or
+  DPM-Solver++(2M); generational: population 50 (uniform grid, random sets, grid mutants), 10 epochs, parents
+  from the top 10, 25 mutants (each step replaced by an unused grid step with prob 0.1-0.25), 10-15
+  uniform crossovers (per position, 0.5), the rest random; fitness FID of 1000-5000 samples (~500 FIDs).
+  Ours: continuous log-sigmas, local moves, first level sigma_max and final 0 fixed, paired-RMS fitness.
 - `usf`: USF / S3 (Liu, Ning, Yang & Wang, "A Unified Sampling Framework for Solver Searching of
   Diffusion Probabilistic Models", ICLR 2024): per-step solver decisions searched together with the
   time steps. `decisions: unified` (default) is the reference code's `uni_sampler` (github.com/thu-nics/USF,
