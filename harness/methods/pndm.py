@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.methods.solver_base import NFERule, combine, solver
+from harness.methods.solver_base import NFERule, solver
 
 # Adams-Bashforth weights for 1..4 past values, newest first
 ADAMS_BASHFORTH = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
@@ -28,16 +28,17 @@ def _recycled(history):
     return history[-1][0] if len(history) == len(ADAMS_BASHFORTH) else None
 
 
-def _transfer(x, weighted_eps, s, s_next):
-    """x~ - (s - s_next) * sum(w * eps) over (w, eps) pairs, as one fused combination."""
-    return combine([(1.0, x)] + [((s_next - s) * w / sigma, diff) for w, (diff, sigma) in weighted_eps])
-
-
 def _transfer_(x, weighted_eps, s, s_next):
-    """`_transfer` in place on x (the same operations in the same order, so the same numbers)."""
+    """x~ - (s - s_next) * sum(w * eps) over (w, eps) pairs, in place on x: one fused multiply-add per
+    term."""
     for w, (diff, sigma) in weighted_eps:
         x.add_(diff, alpha=(s_next - s) * w / sigma)
     return x
+
+
+def _transfer(x, weighted_eps, s, s_next):
+    """`_transfer_` on a copy of x (the pseudo Runge-Kutta stages, which keep x)."""
+    return _transfer_(x.clone(), weighted_eps, s, s_next)
 
 
 def _adams_bashforth_(x, history, s, s_next):

@@ -107,34 +107,28 @@ def _unified_coefficients(hh: float, rks: list[float], order: int) -> tuple[np.n
 def usf_solve(model, x, sigmas, orders, correctors):
     """Exponential integrator with UniP-p predictors (p = orders[i], capped by the history available)
     and an optional UniC corrector per step; first order on the final step to sigma = 0."""
-    history: list[tuple[float, torch.Tensor]] = []  # (lambda, denoised), newest last
-    denoised = model(x, sigmas[0])
+    lams = [-math.log(sigmas[0])]  # lambda of each evaluated point, oldest first
+    data = [model(x, sigmas[0])]  # D(x, sigma) there
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         if s_next == 0:
-            return denoised
-        lam, lam_next = -math.log(s), -math.log(s_next)
-        h = lam_next - lam
-        order = min(orders[i], len(history) + 1)
-        earlier = history[len(history) - (order - 1):] if order > 1 else []
-        rks = [(lam_prev - lam) / h for lam_prev, _ in earlier]
-        diffs = [(d_prev - denoised) / rk for (_, d_prev), rk in zip(earlier, rks)]
-        rows, rhs, b_h = _unified_coefficients(-h, rks, order)  # data prediction integrates exp(-h)
-        x_first = (s_next / s) * x - math.expm1(-h) * denoised
+            return data[-1]
+        lam_next = -math.log(s_next)
+        h = lam_next - lams[-1]
+        order = min(orders[i], len(lams))
+        x_first = (s_next / s) * x - math.expm1(-h) * data[-1]
         if order == 1:
             x_pred = x_first
         else:
+            earlier = range(len(lams) - order, len(lams) - 1)
+            rks = [(lams[j] - lams[-1]) / h for j in earlier]
+            diffs = [(data[j] - data[-1]) / rk for j, rk in zip(earlier, rks)]
+            rows, rhs, b_h = _unified_coefficients(-h, rks, order)  # data prediction integrates exp(-h)
             rhos = [0.5] if order == 2 else np.linalg.solve(rows[:-1, :-1], rhs[:-1])
             x_pred = x_first - b_h * sum(float(r) * d for r, d in zip(rhos, diffs))
         denoised_next = model(x_pred, s_next)
-        if correctors[i]:  # UniC: reuses the evaluation the next step needs anyway
-            rhos_c = [0.5] if order == 1 else np.linalg.solve(rows, rhs)
-            correction = sum(float(r) * d for r, d in zip(rhos_c[:-1], diffs))
-            correction = correction + float(rhos_c[-1]) * (denoised_next - denoised)
-            x = x_first - b_h * correction
-        else:
-            x = x_pred
-        history.append((lam, denoised))
-        denoised = denoised_next
+        # UniC reuses the evaluation the next step needs anyway
+        x = _unic(x, s, s_next, h, lams, data, order, DATA, denoised_next) if correctors[i] else x_pred
+        lams.append(lam_next), data.append(denoised_next)
     return x
 
 
