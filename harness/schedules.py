@@ -302,10 +302,8 @@ def schedule_function(spec: dict) -> tuple[Callable[..., np.ndarray], dict]:
 def sigma_grid(process: NoiseProcess, steps: int, spec: dict) -> np.ndarray:
     """steps + 1 values: `steps` noise levels where the network is evaluated, then 0."""
     schedule, params = schedule_function(spec)
-    if steps == 1:
-        sigmas = np.array([process.sigma_max])
-    else:
-        sigmas = np.asarray(schedule(process, steps, **params), dtype=np.float64)
+    # every schedule gives its own first level at n = 1 (sigma_max for the formulas, the given point for lists)
+    sigmas = np.asarray(schedule(process, steps, **params), dtype=np.float64)
     if np.any(np.diff(sigmas) >= 0) or sigmas[-1] <= 0:
         raise ConfigError(f"schedule {spec} does not give strictly decreasing positive noise levels")
     return np.append(sigmas, 0.0)

@@ -64,6 +64,17 @@ def test_schedules_span_the_process_and_end_at_zero(process, kind):
     assert np.all(np.diff(grid) < 0)
 
 
+@pytest.mark.parametrize("spec, first", [
+    ({"kind": "edm_rho", "rho": 7.0}, 80.0),
+    ({"kind": "logsnr_uniform"}, 80.0),
+    ({"kind": "explicit", "sigmas": [14.6]}, 14.6),  # a one-step list is used as given, not replaced by sigma_max
+    ({"kind": "explicit", "sigmas": [14.6, 1.0, 0.1], "interpolate": True}, 14.6),
+    ({"kind": "align_your_steps", "model": "sd15"}, ALIGN_YOUR_STEPS["sd15"][0]),
+])
+def test_one_step_grid_starts_where_the_schedule_does(spec, first):
+    np.testing.assert_allclose(sigma_grid(EDM(), 1, spec), [first, 0.0], rtol=1e-12)
+
+
 def test_edm_rho_matches_diffusers_karras_sigmas():
     process = VPDiscrete.from_config("linear", 1e-4, 0.02, 1000)
     sched = DPMSolverMultistepScheduler(beta_schedule="linear", use_karras_sigmas=True)
