@@ -74,10 +74,15 @@ def load_methods(path: str | Path = "methods.yaml") -> dict[str, dict]:
         if "baseline" in spec:
             _check_choice(path, f"{method_id}.baseline", spec["baseline"], list(data))
         if spec["family"] == "solver":
-            from harness.methods.family_solver import SOLVERS
+            from harness.methods.family_solver import SOLVERS, import_solver_module
 
             if "solver" not in spec:
                 raise ConfigError(f"{path}: key '{method_id}': family 'solver' needs a 'solver' key")
+            if "module" in spec:
+                try:
+                    import_solver_module(spec["module"])
+                except ConfigError as err:
+                    raise ConfigError(f"{path}: key '{method_id}.module': {err}") from None
             _check_choice(path, f"{method_id}.solver", spec["solver"], sorted(SOLVERS))
         if "schedule" in spec:
             try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from harness.errors import ConfigError
@@ -14,6 +16,18 @@ from harness.methods.base import Sampler
 from harness.methods.solver_base import SOLVERS
 from harness.schedules import sigma_grid
 
+
+def import_solver_module(module: str) -> None:
+    """Import a user's module of solvers (methods.yaml `module:`), which register themselves with
+    harness.methods.solver_base.solver: a new sampler is benchmarked without editing stepbench, under
+    the same noise, NFE audit and metrics as the built-in ones."""
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # not found, or failing while it runs: either way one line, not a traceback
+        first_line = (str(err).splitlines() or [""])[0]
+        raise ConfigError(f"solver module {module!r} cannot be imported: {type(err).__name__}: {first_line}") from None
+
+
 class SolverSampler(Sampler):
     """family: solver — a solver function on a time-step schedule of the model's process."""
 
@@ -21,6 +35,8 @@ class SolverSampler(Sampler):
 
     def __init__(self, spec: dict):
         super().__init__(spec)
+        if "module" in spec:
+            import_solver_module(spec["module"])
         name = spec["solver"]
         if name not in SOLVERS:
             raise ConfigError(f"solver {name!r} unknown; valid: {', '.join(sorted(SOLVERS))}")
