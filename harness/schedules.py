@@ -275,6 +275,29 @@ def align_your_steps(process: NoiseProcess, n: int, model: str | None = None) ->
     return loglinear_resample(ALIGN_YOUR_STEPS[model], n + 1)[:-1]
 
 
+def flow_shift(process: NoiseProcess, n: int, shift: float = 3.0) -> np.ndarray:
+    """The shifted flow-matching schedule of SD3 and Flux: uniform rectified-flow time u, then
+    u -> shift u / (1 + (shift - 1) u) (Esser et al. 2024, arXiv:2403.03206, "Resolution-dependent shifting of
+    timestep schedules"; SD3 uses shift 3). In diffusers: FlowMatchEulerDiscreteScheduler's `shift`,
+    DPMSolverMultistep's and UniPC's `flow_shift`, and Flux's resolution-dependent `mu` as shift = e^mu.
+    Not the Time-Shift Sampler (solver `ts_dpm`).
+
+    On sigma~ = u / (1 - u) the map is sigma~ -> shift * sigma~, a shift of log-SNR by -2 log(shift), so
+    the schedule is one list of sigma~ on every process: u is the flow time of sigma~, not the process's
+    own t. Ends: the uniform u run between the flow times whose shifted images are the process's sigma_max
+    and sigma_min, so the first and last levels are those of its t_range, as with every schedule here;
+    shift > 1 moves the levels in between towards high noise, shift 1 is time_uniform on a rectified flow.
+    diffusers' FlowMatch schedulers start at u = 1 (sigma~ infinite, which no level can be): on RectifiedFlow
+    with t_max their second level and t_min their last, this gives their other levels
+    (tests/test_flow_matching_vs_diffusers.py).
+    """
+    if not shift > 0:
+        raise ConfigError(f"flow_shift: shift must be positive; got {shift!r}")
+    u_hi, u_lo = (s / shift / (1 + s / shift) for s in (process.sigma_max, process.sigma_min))
+    u = np.linspace(u_hi, u_lo, n)
+    return shift * u / (1 - u)
+
+
 SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
     "time_uniform": time_uniform,
     "logsnr_uniform": logsnr_uniform,
@@ -282,6 +305,7 @@ SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
     "time_quadratic": time_quadratic,
     "explicit": explicit,
     "align_your_steps": align_your_steps,
+    "flow_shift": flow_shift,
 }
 
 

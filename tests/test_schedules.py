@@ -56,7 +56,7 @@ def test_alpha_and_sigma_reconstruct_the_process(process):
 
 
 @pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.kind)
-@pytest.mark.parametrize("kind", ["time_uniform", "logsnr_uniform", "edm_rho", "time_quadratic"])
+@pytest.mark.parametrize("kind", ["time_uniform", "logsnr_uniform", "edm_rho", "time_quadratic", "flow_shift"])
 def test_schedules_span_the_process_and_end_at_zero(process, kind):
     grid = sigma_grid(process, 10, {"kind": kind})
     assert len(grid) == 11 and grid[-1] == 0
@@ -148,6 +148,7 @@ def test_misspelt_schedule_parameter_in_methods_yaml_is_one_line_error(tmp_path)
         ({"kind": "explicit", "sigmas": [1.0, 2.0, 3.0]}, "strictly decreasing"),
         ({"kind": "edm_rho", "rho": 7.0, "sigma_min": 0.1}, "schedule edm_rho: parameter 'sigma_min' unknown; valid: rho"),
         ({"kind": "align_your_steps", "model": "sd3"}, "align_your_steps: model 'sd3' unknown; valid: sd15, sdxl, svd"),
+        ({"kind": "flow_shift", "shift": 0.0}, "flow_shift: shift must be positive; got 0.0"),
     ],
 )
 def test_bad_schedules_are_config_errors(spec, message):
