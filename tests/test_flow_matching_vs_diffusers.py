@@ -15,10 +15,10 @@ What differs, and how each test handles it:
 - FlowMatchEuler and FlowMatchHeun start at t = 1, where sigma~ is infinite and no stepbench level can be.
   For Euler, diffusers takes that step (at t = 1 the exact x0 is the data mean) and stepbench goes on from
   diffusers' sample at the second level. Heun leaves the t = 1 level out on both sides.
-- FlowMatchHeun is Heun's rule on dx_t/dt = v in t; stepbench's heun (EDM's) is Heun's rule on
-  dx~/dsigma~ = eps in sigma~. Their Euler predictors agree (both are DDIM), their trapezoidal corrections do
-  not: the rule is not invariant under the time-dependent rescaling x~ = x_t / (1 - t). Two second-order
-  methods, so that test checks that they converge to each other at second order, not that they agree.
+- FlowMatchHeun is Heun's rule on dx_t/dt = v in t: stepbench's heun with variables='flow'. Its default (EDM's)
+  is Heun's rule on dx~/dsigma~ = eps in sigma~. Their Euler predictors agree (both are DDIM), their trapezoidal
+  corrections do not: the rule is not invariant under the time-dependent rescaling x~ = x_t / (1 - t). The test
+  checks agreement for the first and that the second converges to it at second order.
 - UniPC's first level is 1 - 1e-6 (diffusers moves it off t = 1). Its step to t = 0 is x = D, applied by the
   test as in test_solver_zoo (diffusers' bh1 computes it as nan).
 - FlowMatchEuler and DPMSolverMultistep round each step's sample to float32 (agreement ~1e-7); UniPC does not
@@ -43,6 +43,7 @@ from diffusers import (  # noqa: E402
 from test_solvers_vs_diffusers import RTOL, relative_difference, x_T  # noqa: E402,F401  (x_T: fixture)
 
 import harness.methods.family_solver  # noqa: E402,F401  (registers the solvers)
+from harness.errors import ConfigError  # noqa: E402
 from harness.methods.solver_base import SOLVERS  # noqa: E402
 from harness.models import load_denoiser  # noqa: E402
 from harness.schedules import RectifiedFlow, sigma_grid  # noqa: E402
@@ -187,21 +188,11 @@ def test_unipc_matches_unipc_flow_sigmas(gmm, x_T, order, variant, shift, steps)
     assert relative_difference(got, expected) <= RTOL
 
 
-def heun_in_flow_time(gmm, x_t, levels):
-    """Heun's rule on dx_t/dt = v = (x_t - D) / t, the last step (to t = 0) Euler only."""
-    v = velocity_network(gmm)
-    for t, t_next in zip(levels, np.append(levels[1:], 0.0)):
-        d = v(x_t, 1000 * t)
-        x_euler = x_t + (t_next - t) * d
-        x_t = x_euler if t_next == 0 else x_t + (t_next - t) / 2 * (d + v(x_euler, 1000 * t_next))
-    return x_t
-
-
 @pytest.mark.parametrize("shift", SHIFTS)
-def test_heun_and_flow_match_heun_are_heun_in_different_variables(gmm, x_T, shift):
-    """FlowMatchHeun is Heun's rule in (t, x_t) (checked against it written out), stepbench's heun the same rule
-    in (sigma~, x~): both leave the t = 1 level out, and their difference falls like steps^-2 (by ~4 per
-    doubling), as between two second-order methods for the same ODE, not to rounding."""
+def test_heun_in_flow_variables_matches_flow_match_heun_and_edm_heun_converges_to_it(gmm, x_T, shift):
+    """stepbench's heun with variables='flow' is FlowMatchHeun (Heun's rule in (t, x_t)); its default, EDM's
+    Heun in (sigma~, x~), is another discretisation of the same ODE: both leave the t = 1 level out, and the
+    difference falls like steps^-2 (by ~4 per doubling), as between two second-order methods, not to rounding."""
     differences = []
     for steps in (10, 20, 40):
         levels = diffusers_levels("flow_match_heun", steps + 1, shift)[1:]
@@ -212,7 +203,12 @@ def test_heun_and_flow_match_heun_are_heun_in_different_variables(gmm, x_T, shif
         net, sample = velocity_network(gmm), levels[0] * x_T
         for t in flow_match.timesteps:
             sample = flow_match.step(net(sample, t), t, sample).prev_sample
-        assert relative_difference(heun_in_flow_time(gmm, levels[0] * x_T, levels), sample) <= RTOL
+        assert relative_difference(solve("heun", gmm, levels[0] * x_T, levels, variables="flow"), sample) <= RTOL
         differences.append(relative_difference(solve("heun", gmm, levels[0] * x_T, levels), sample))
     assert differences[0] > 1e-3
     assert differences[0] / differences[1] > 3 and differences[1] / differences[2] > 3
+
+
+def test_heun_refuses_unknown_variables(gmm, x_T):
+    with pytest.raises(ConfigError, match="heun: variables must be 'sigma' or 'flow'"):
+        solve("heun", gmm, x_T, [0.5, 0.1], variables="time")

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from harness.errors import ConfigError
 from harness.methods.solver_base import NFERule, solver
 
 
@@ -19,8 +20,13 @@ def euler(model, x, sigmas, noise=None):
 
 
 @solver("heun", order=2, nfe=NFERule(per_step=2, saved_at_end=1))
-def heun(model, x, sigmas, noise=None):
-    """EDM's deterministic 2nd-order Heun (Karras et al. 2022, Alg. 1, S_churn = 0)."""
+def heun(model, x, sigmas, noise=None, variables="sigma"):
+    """EDM's deterministic 2nd-order Heun (Karras et al. 2022, Alg. 1, S_churn = 0) on dx~/dsigma~, or with
+    variables="flow" the same rule in flow-matching time (diffusers' FlowMatchHeun, SD3): see _heun_flow."""
+    if variables not in ("sigma", "flow"):
+        raise ConfigError(f"heun: variables must be 'sigma' or 'flow'; got {variables!r}")
+    if variables == "flow":
+        return _heun_flow(model, x, sigmas)
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         # the Euler step x + (s_next - s) d with d = (x - D) / s, fused into one lerp as in euler
         x_euler = torch.lerp(model(x, s), x, s_next / s)
@@ -32,6 +38,23 @@ def heun(model, x, sigmas, noise=None):
             half = (s_next - s) / (2 * s_next)
             denoised_next = model(x_euler, s_next)
             x = torch.lerp(x, x_euler, 0.5).add_(x_euler, alpha=half).sub_(denoised_next, alpha=half)
+    return x
+
+
+def _heun_flow(model, x, sigmas):
+    """Heun's rule on the same PF-ODE written in flow-matching variables, t = s / (1 + s) and x_t = x / (1 + s),
+    where it reads dx_t/dt = (x_t - D) / t (the velocity eps - x0): a different discretisation from EDM's, as
+    Heun's trapezoid is not invariant under that time-dependent rescaling. Any process; the last step (to
+    t = 0) is Euler's, x = D."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        t, t_next = s / (1 + s), s_next / (1 + s_next)
+        x_t = x / (1 + s)
+        velocity = (x_t - model(x, s)) / t
+        x_euler = x_t + (t_next - t) * velocity
+        if s_next == 0:
+            return x_euler
+        velocity_next = (x_euler - model(x_euler * (1 + s_next), s_next)) / t_next
+        x = (x_t + (t_next - t) / 2 * (velocity + velocity_next)) * (1 + s_next)
     return x
 
 
