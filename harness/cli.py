@@ -1,4 +1,4 @@
-"""stepbench command line: sample | evaluate | report | reference (the cell contract of DESIGN.md).
+"""stepbench command line: sample | evaluate | report | reference | methods (the cell contract of DESIGN.md).
 
 Bad input exits non-zero with one line naming the file, the key and what would be valid.
 """
@@ -152,6 +152,35 @@ def report(results_dir, out, grid_file, models_file, methods_file):
 
     render_report(results_dir, out, grid_file, models_file, methods_file)
     click.echo(f"report -> {out / 'index.html'}")
+
+
+@cli.command()
+@click.option("--nfe", type=click.IntRange(min=1), default=None, help="Also say whether each method meets this budget.")
+@methods_file_opt
+def methods(nfe, methods_file):
+    """List the accelerators of the methods file: solver, NFE rule, side data, schedule, params.
+
+    Example: stepbench methods --nfe 8
+    """
+    from harness.config import load_methods
+    from harness.errors import UnsupportedNFE
+    from harness.methods import make_sampler
+
+    rows = []
+    for method_id, spec in load_methods(methods_file).items():
+        sampler = make_sampler(spec)
+        row = {"method": method_id}
+        if nfe is not None:
+            try:
+                sampler.check_nfe(nfe)
+                row[f"NFE {nfe}"] = "yes"
+            except UnsupportedNFE as err:
+                row[f"NFE {nfe}"] = f"n/a ({err.reason})"
+        rows.append({**row, **sampler.summary()})
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    widths = {c: max(len(c), *(len(row.get(c, "")) for row in rows)) for c in columns}
+    for row in [dict(zip(columns, columns)), *rows]:
+        click.echo("  ".join(row.get(c, "").ljust(widths[c]) for c in columns).rstrip())
 
 
 @cli.command()

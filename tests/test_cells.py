@@ -160,3 +160,14 @@ def test_cli_bad_config_is_one_line(repo_files, edit, expected):
                cwd=repo_files)
     assert run.returncode != 0 and expected in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_cli_methods_lists_nfe_rules_side_data_and_a_budget(repo_files):
+    run = _cli("methods", "--nfe", "8", cwd=repo_files)
+    assert run.returncode == 0, run.stderr
+    rows = {line.split()[0]: line for line in run.stdout.splitlines()}
+    assert rows["method"].split()[:3] == ["method", "NFE", "8"]
+    assert "n/a (NFE = 2*steps-1; nearest 7, 9)" in rows["heun"] and "edm_rho, rho=7.0" in rows["heun"]
+    assert rows["dc_solver"].split()[1:5] == ["yes", "solver", "dc_solver", "steps"] and "per nfe" in rows["dc_solver"]
+    assert rows["ddpm"].rstrip().endswith("eta=1.0")
+    assert len(rows) == len(METHODS) + 1  # every entry of methods.yaml, and the header

@@ -35,6 +35,10 @@ class Sampler(ABC):
         """Take the side data made by `prepare` before sampling."""
         raise NotImplementedError(f"{type(self).__name__} has nothing to prepare")
 
+    def summary(self) -> dict[str, str]:
+        """What `stepbench methods` lists for this method, column -> text."""
+        return {"family": self.family}
+
     @abstractmethod
     def check_nfe(self, nfe: int) -> None:
         """Raise UnsupportedNFE (with the reason and the nearest valid budgets) if nfe cannot be met."""

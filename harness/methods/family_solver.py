@@ -47,6 +47,17 @@ class SolverSampler(Sampler):
         self.prepare_scope = self.solver.prepare_scope
         self.prepared: dict | None = None
 
+    def summary(self) -> dict[str, str]:
+        schedule = ", ".join(f"{value}" if key == "kind" else f"{key}={value}" for key, value in self.schedule.items())
+        return {
+            "family": self.family,
+            "solver": self.name,
+            "NFE": self.solver.nfe.describe(),
+            "side data": f"per {self.prepare_scope}" if self.prepare_scope else "-",
+            "schedule": schedule,
+            "params": ", ".join(f"{key}={value}" for key, value in self.params.items()),
+        }
+
     def check_nfe(self, nfe: int) -> None:
         self.solver.nfe.steps(nfe, self.name)
 
