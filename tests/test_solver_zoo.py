@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("diffusers")
 import diffusers.schedulers.scheduling_ddpm as diffusers_ddpm  # noqa: E402
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as diffusers_euler_ancestral  # noqa: E402
+import diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete as diffusers_kdpm2_ancestral  # noqa: E402
 from diffusers import (  # noqa: E402
     DDIMScheduler,
     DDPMScheduler,
@@ -28,6 +29,8 @@ from diffusers import (  # noqa: E402
     DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
     IPNDMScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -385,6 +388,51 @@ def test_euler_ancestral_matches_ddim_eta(gmm, x_T, steps, eta):
         sample = scheduler.step(net(sample, t), t, sample, eta=eta, variance_noise=diffusers_noise()).prev_sample
     got = solve("euler_ancestral", gmm, x_T, grid(gmm.process, scheduler.timesteps), noise=noise.fresh(), eta=eta)
     assert relative_difference(got, sample) <= RTOL
+
+
+def install_kdpm2_grid(scheduler, process, sigmas, s_down):
+    """After set_timesteps with the right count: KDPM2's layout (each level twice, the step's midpoint between
+    them) on the exact sigma~ list; each step from sigmas[i] ends at s_down[i] (sigmas[i + 1] without noise),
+    its midpoint at sqrt(sigmas[i] s_down[i]), and the last step (to 0) is Euler's."""
+    levels = torch.tensor(sigmas, dtype=torch.float64)
+    mids = torch.tensor([math.sqrt(s * d) for s, d in zip(sigmas[:-2], s_down[:-1])] + [0.0], dtype=torch.float64)
+    t_of = lambda v: torch.from_numpy(np.asarray(process.t(v.numpy())))  # noqa: E731
+    scheduler.sigmas = torch.cat([levels[:1], levels[1:].repeat_interleave(2), levels[-1:]])
+    scheduler.timesteps = torch.cat([t_of(levels[:1]), torch.stack([t_of(mids[:-1]), t_of(levels[1:-1])], 1).flatten()])
+    # diffusers indexes its midpoint lists one entry later in the plain scheduler than in the ancestral one
+    shift = 1 if isinstance(scheduler, KDPM2DiscreteScheduler) else 0
+    mid_list = torch.cat([levels[:shift], mids])
+    scheduler.sigmas_interpol = torch.cat([mid_list[:1], mid_list[1:].repeat_interleave(2), mid_list[-1:]])
+    if not shift:
+        up = torch.tensor([math.sqrt(max(n**2 - d**2, 0.0)) for n, d in zip(sigmas[1:], s_down)] + [0.0])
+        down = torch.tensor(list(s_down) + [0.0], dtype=torch.float64)
+        scheduler.sigmas_up = torch.cat([up[:1], up[1:].repeat_interleave(2), up[-1:]]).double()
+        scheduler.sigmas_down = torch.cat([down[:1], down[1:].repeat_interleave(2), down[-1:]])
+
+
+@pytest.mark.parametrize("steps", STEP_COUNTS)
+def test_dpm_solver_2_is_kdpm2(gmm, x_T, steps):
+    """k-diffusion's DPM2 (diffusers' KDPM2DiscreteScheduler) is DPM-Solver-2 on scaled variables."""
+    sigmas = grid(gmm.process, trailing_timesteps(steps))
+    scheduler = KDPM2DiscreteScheduler(**DIFFUSERS_BETAS)
+    scheduler.set_timesteps(steps)
+    install_kdpm2_grid(scheduler, gmm.process, sigmas, sigmas[1:])
+    expected = run_scheduler(scheduler, eps_network(gmm), x_T / float(gmm.process.alpha(sigmas[0])))
+    assert relative_difference(solve("dpm_solver_2", gmm, x_T, sigmas), expected) <= RTOL
+
+
+@pytest.mark.parametrize("steps", STEP_COUNTS)
+def test_dpm2_ancestral_matches_kdpm2_ancestral(gmm, x_T, steps, monkeypatch):
+    sigmas = grid(gmm.process, trailing_timesteps(steps))
+    s_down = [math.sqrt(n**2 - n**2 * (s**2 - n**2) / s**2) for s, n in zip(sigmas[:-1], sigmas[1:])]
+    noise = SharedNoise(x_T.shape)
+    monkeypatch.setattr(diffusers_kdpm2_ancestral, "randn_tensor", noise.fresh())
+    scheduler = KDPM2AncestralDiscreteScheduler(**DIFFUSERS_BETAS)
+    scheduler.set_timesteps(steps)
+    install_kdpm2_grid(scheduler, gmm.process, sigmas, s_down)
+    expected = run_scheduler(scheduler, eps_network(gmm), x_T / float(gmm.process.alpha(sigmas[0])))
+    got = solve("dpm2_ancestral", gmm, x_T, sigmas, noise=noise.fresh())
+    assert relative_difference(got, expected) <= RTOL
 
 
 def process_for(name, denoiser):

@@ -19,7 +19,9 @@ import math
 
 import torch
 
-from harness.methods.solver_base import require_noise, require_process, solver
+from harness.errors import ConfigError
+from harness.methods.dpm_solver import dpm_solver_2_step
+from harness.methods.solver_base import NFERule, require_noise, require_process, solver
 
 
 def _ancestral(model, x, sigmas, noise, name, scales):
@@ -45,6 +47,22 @@ def euler_ancestral(model, x, sigmas, noise=None, eta=1.0):
         return math.sqrt(s_next**2 - sigma_up**2) / s, sigma_up
 
     return _ancestral(model, x, sigmas, noise, "euler_ancestral", scales)
+
+
+@solver("dpm2_ancestral", order=1, nfe=NFERule(per_step=2, saved_at_end=1))
+def dpm2_ancestral(model, x, sigmas, noise=None, eta=1.0):
+    """k-diffusion's DPM2 ancestral ("DPM2 a"; diffusers' KDPM2AncestralDiscreteScheduler): a DPM-Solver-2 step
+    (k-diffusion's DPM2) down to sigma_down, then noise of std sigma_up, split as in euler_ancestral. The step to
+    0 is x = D, without noise: NFE = 2 steps - 1."""
+    if not 0 <= eta <= 1:  # beyond 1, sigma_down could reach 0 before the last step and change the NFE
+        raise ConfigError(f"dpm2_ancestral: eta must be in [0, 1]; got {eta!r}")
+    require_noise(noise, "dpm2_ancestral")
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        sigma_up = eta * s_next * math.sqrt(1 - (s_next / s) ** 2)
+        x = dpm_solver_2_step(model, x, s, math.sqrt(s_next**2 - sigma_up**2))
+        if s_next > 0:
+            x.add_(noise.randn_like(x), alpha=sigma_up)
+    return x
 
 
 @solver("ddpm_large", order=1, needs_process=True)

@@ -27,15 +27,22 @@ def _eps(model, x, sigma):
 @solver("dpm_solver_2", order=2, nfe=NFERule(per_step=2, saved_at_end=1))
 def dpm_solver_2(model, x, sigmas, noise=None):
     """DPM-Solver-2, singlestep on the noise prediction, intermediate point at r = 1/2 in lambda."""
-    r = 0.5
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        if s_next == 0:
-            return model(x, s)
-        s_mid = s * (s_next / s) ** r
-        eps = _eps(model, x, s)
-        eps_mid = _eps(model, x - (s - s_mid) * eps, s_mid)
-        x = x - (s - s_next) * (eps + (eps_mid - eps) / (2 * r))
+        x = dpm_solver_2_step(model, x, s, s_next)
     return x
+
+
+def dpm_solver_2_step(model, x, s, s_to):
+    """One DPM-Solver-2 step from s to s_to (x = D when s_to = 0). On scaled variables it is the midpoint rule
+    on dx~/dsigma~ = eps with the midpoint at sqrt(s s_to): what k-diffusion calls DPM2 (sample_dpm_2,
+    diffusers' KDPM2DiscreteScheduler), the same method under another name."""
+    if s_to == 0:
+        return model(x, s)
+    r = 0.5
+    s_mid = s * (s_to / s) ** r
+    eps = _eps(model, x, s)
+    eps_mid = _eps(model, x - (s - s_mid) * eps, s_mid)
+    return x - (s - s_to) * (eps + (eps_mid - eps) / (2 * r))
 
 
 @solver("dpm_solver_3", order=3, nfe=NFERule(per_step=3, saved_at_end=2))
