@@ -97,13 +97,23 @@ def fit_compensation_ratios(denoiser, sigmas, calibration_seed, order=3, variant
     reference = _reference_states(denoiser, x, sigmas, reference_substeps)
     outputs, ratios = [denoiser(x, sigmas[0])], []
     for i in range(len(sigmas) - 1):
+        # A calibration sample whose reference diverged (NaN/Inf) cannot score a ratio: fit on the others
+        # (the loss is unchanged when none diverged).
+        target = reference[i + 1]
+        finite = torch.isfinite(target).flatten(1).all(1)
+        every = bool(finite.all())
+
         def loss(ratio):
             state, _ = _step(denoiser, x, outputs, sigmas, times, i, order, variant, float(ratio))
-            return float(((state - reference[i + 1]) ** 2).mean())
+            value = float(((state - target) ** 2).mean() if every else ((state[finite] - target[finite]) ** 2).mean())
+            # a diverged run loses: Brent returns NaN as soon as it meets one NaN value
+            return value if math.isfinite(value) else math.inf
 
         ratio = 1.0
         if i >= INTERPOLATION_ORDER:
-            ratio = float(minimize_scalar(loss, bracket=(1.0, 1.05), method="brent", options={"maxiter": 40}).x)
+            fit = minimize_scalar(loss, bracket=(1.0, 1.05), method="brent", options={"maxiter": 40})
+            if math.isfinite(fit.fun):  # else no ratio tried gave a finite loss: keep the plain UniPC step
+                ratio = float(fit.x)
         ratios.append(ratio)
         x, outputs = _step(denoiser, x, outputs, sigmas, times, i, order, variant, ratio)
     return {"ratios": ratios, "times": times}

@@ -1,0 +1,99 @@
+"""Prepared methods when the model or a candidate run diverges (NaN/Inf).
+
+A diverged calibration sample or candidate must lose or be left out, never win or poison the
+prepared artifact; a cell whose own run stays finite must not be reported diverged because of its
+side data, and a cell whose run diverged must say so (DESIGN.md, rules of measurement).
+The model is exact gmm2d wrapped to return NaN where a test says so.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.cells import generate
+from harness.config import load_models
+from harness.methods import make_sampler
+from harness.models import load_denoiser
+from harness.models.base import Denoiser
+from harness.noise import SampleNoise
+from harness.prepared import CALIBRATION_SEED
+
+REPO = Path(__file__).resolve().parents[1]
+LOGSNR = {"kind": "logsnr_uniform"}
+NFE = 6
+
+
+class NaNWhere(Denoiser):
+    """The wrapped denoiser, with NaN outputs on the rows where bad(x, sigma) holds."""
+
+    def __init__(self, inner: Denoiser, bad):
+        self.inner, self.info, self.bad = inner, inner.info, bad
+
+    def denoise(self, x, sigma, cond=None):
+        out = self.inner.denoise(x, sigma, cond)
+        return torch.where(self.bad(x, sigma).view(-1, *[1] * (x.ndim - 1)), float("nan"), out)
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return load_denoiser(load_models(REPO / "models.yaml")["gmm2d"])
+
+
+def spec(solver, schedule=None, **params):
+    return {"family": "solver", "solver": solver, "schedule": schedule or {"kind": "edm_rho", "rho": 7.0},
+            "params": params}
+
+
+def prepared_sampler(method_spec, denoiser):
+    sampler = make_sampler(method_spec)
+    sampler.use_prepared(sampler.prepare(denoiser, NFE, CALIBRATION_SEED))
+    return sampler
+
+
+def band_between(sampler, model, k):
+    """NaN for sigma~ strictly inside the cell's k-th and (k+1)-th levels (5% inside each): calibration
+    runs on finer grids cross it, the cell itself never evaluates there."""
+    levels = sampler.sigmas(model.process, NFE)
+    lo, hi = levels[k + 1] * 1.05, levels[k] * 0.95
+    return NaNWhere(model, lambda x, sigma: (sigma > lo) & (sigma < hi))
+
+
+def largest_draw_overflows(model, num_calibration):
+    """NaN at sigma_max for the calibration draw of largest norm (as a network overflowing on an outlier)."""
+    sigma_max = model.process.sigma_max
+    draws = SampleNoise(CALIBRATION_SEED, range(num_calibration)).randn(model.info.data_shape, dtype=model.info.dtype)
+    limit = 0.999 * float((draws * model.process.prior_std(sigma_max)).flatten(1).norm(dim=1).max())
+    return NaNWhere(model, lambda x, sigma: (sigma > 0.99 * sigma_max) & (x.flatten(1).norm(dim=1) > limit))
+
+
+def all_finite(values) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+# ---- DC-Solver: ratios fitted against a reference trajectory ----
+
+DC = spec("dc_solver", LOGSNR, reference_substeps=10)
+
+
+def test_dc_solver_keeps_unit_ratios_where_its_reference_diverged(gmm):
+    """The reference's substeps cross a NaN band between the cell's levels 3 and 4: Brent on a NaN
+    loss returned NaN ratios, and the cell (which never evaluates in the band) came out diverged."""
+    clean = make_sampler(DC).prepare(gmm, NFE, CALIBRATION_SEED)["ratios"]
+    model = band_between(make_sampler(DC), gmm, 3)
+    sampler = prepared_sampler(DC, model)
+    ratios = sampler.prepared["ratios"]
+    assert all_finite(ratios), ratios
+    assert ratios[:3] == clean[:3]  # fitted before the band as without it
+    assert ratios[3:] == [1.0] * (NFE - 3)  # nothing to fit against: plain UniPC steps
+    assert generate(model, sampler, NFE, 0, 16, 16).status == "ok"
+
+
+def test_dc_solver_fits_on_the_calibration_samples_whose_reference_is_finite(gmm):
+    model = largest_draw_overflows(gmm, 10)  # calibration_samples defaults to 10
+    ratios = make_sampler(DC).prepare(model, NFE, CALIBRATION_SEED)["ratios"]
+    assert all_finite(ratios), ratios
+    assert all(r != 1.0 for r in ratios[2:]), ratios  # still fitted, not given up
