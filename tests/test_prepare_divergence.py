@@ -97,3 +97,38 @@ def test_dc_solver_fits_on_the_calibration_samples_whose_reference_is_finite(gmm
     ratios = make_sampler(DC).prepare(model, NFE, CALIBRATION_SEED)["ratios"]
     assert all_finite(ratios), ratios
     assert all(r != 1.0 for r in ratios[2:]), ratios  # still fitted, not given up
+
+
+# ---- DPM-Solver-v3: empirical model statistics ----
+
+V3 = spec("dpm_solver_v3", LOGSNR, num_samples=32, grid_points=40)
+
+
+def statistics_finite(artifact) -> bool:
+    return all(bool(torch.isfinite(artifact[k]).all()) for k in ("l", "s", "b"))
+
+
+def test_dpm_solver_v3_statistics_leave_out_a_diverged_calibration_trajectory(gmm):
+    """One calibration draw overflowing made every mean NaN from the first grid point on, and every
+    cell sampled with those statistics diverged."""
+    artifact = make_sampler(V3).prepare(largest_draw_overflows(gmm, 32), NFE, CALIBRATION_SEED)
+    assert statistics_finite(artifact)
+    clean = make_sampler(V3).prepare(gmm, NFE, CALIBRATION_SEED)
+    assert torch.allclose(artifact["l"], clean["l"], atol=0.05)  # 31 of the 32 trajectories: nearly the same
+    sampler = make_sampler(V3)
+    sampler.use_prepared(artifact)
+    assert generate(gmm, sampler, NFE, 0, 16, 16).status == "ok"
+
+
+def test_dpm_solver_v3_without_finite_trajectories_falls_back_to_dpm_solver_pp(gmm):
+    """Every trajectory dies in a NaN band between the cell's levels 2 and 3: below it there are no
+    statistics, where DPM-Solver++'s l = 1, s = b = 0 stands in (NaN there poisoned the integrals of
+    the whole grid, and the cell, which never evaluates in the band, came out diverged)."""
+    model = band_between(make_sampler(V3), gmm, 2)
+    sampler = prepared_sampler(V3, model)
+    artifact = sampler.prepared
+    assert statistics_finite(artifact)
+    below = artifact["lambdas"] > -math.log(sampler.sigmas(gmm.process, NFE)[3])
+    assert bool((artifact["l"][below] == 1).all() and (artifact["s"][below] == 0).all()
+                and (artifact["b"][below] == 0).all())
+    assert generate(model, sampler, NFE, 0, 16, 16).status == "ok"

@@ -22,7 +22,8 @@ differences of l on the grid. Directional derivatives are central finite differe
 eps^(1/3) (relative to sigma~ in x), so every adapter works, networks included (the paper uses
 autograd JVPs). Defaults 256 samples x 120 lambdas (5 evaluations per sample and lambda, about a
 minute for digits-ideal on 2 CPU cores) keep the calibration cheap; the paper uses 1024-4096 samples
-x 120-1200 lambdas.
+x 120-1200 lambdas. Calibration trajectories that diverge (NaN/Inf) are left out of the expectations;
+grid points left with none get DPM-Solver++'s l = 1, s = b = 0 (the artifact counts both).
 
 Sampling (`dpm_solver_v3`): faithful to the reference `DPM_Solver_v3.sample` (multistep predictor of
 `order`, lower order at the start and the end, corrector of the previous predictor's order, or +1
@@ -68,20 +69,31 @@ def empirical_model_statistics(denoiser, sigmas, calibration_seed, num_samples=2
     step = torch.finfo(info.dtype).eps ** (1 / 3)  # optimal central-difference step
     sums = {k: [] for k in ("l", "f", "ff", "x", "fx", "a", "fa")}
     old_denoised = None
+    diverged = torch.zeros(num_samples, dtype=torch.bool, device=info.device)
     for k, lam in enumerate(lambdas):
         sigma = math.exp(-lam)
         denoised = denoiser(x, sigma)
         probe = torch.sign(draws.randn_like(x))
         dx = step * sigma  # D varies on the scale of sigma~
         jac_probe = (denoiser(x + dx * probe, sigma) - denoiser(x - dx * probe, sigma)) / (2 * dx)
-        l_k = 1 - (probe * jac_probe).mean(0)
         velocity = denoised - x  # dx~/dlambda
         total_derivative = (denoiser(x + step * velocity, math.exp(-(lam + step)))
                             - denoiser(x - step * velocity, math.exp(-(lam - step)))) / (2 * step)
+        # Expectations over the trajectories that are finite here: one that diverged (NaN/Inf) would make
+        # every mean NaN from here on. With none diverged this is the plain mean.
+        finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in (x, denoised, jac_probe, total_derivative)])
+        finite = finite.all(0)
+        every = bool(finite.all())
+        diverged |= ~finite
+
+        def mean(v):
+            return v.mean(0) if every else v[finite].mean(0)  # no finite row: NaN, replaced below
+
+        l_k = 1 - mean(probe * jac_probe)
         f = (1 - l_k) * x - denoised
         a = (1 - l_k) * velocity - total_derivative  # f' = a - l' x
-        for key, value in (("l", l_k), ("f", f.mean(0)), ("ff", (f * f).mean(0)), ("x", x.mean(0)),
-                           ("fx", (f * x).mean(0)), ("a", a.mean(0)), ("fa", (f * a).mean(0))):
+        for key, value in (("l", l_k), ("f", mean(f)), ("ff", mean(f * f)), ("x", mean(x)),
+                           ("fx", mean(f * x)), ("a", mean(a)), ("fa", mean(f * a))):
             sums[key].append(value.double())
         if k + 1 < len(lambdas):  # advance the trajectories with DPM-Solver++(2M)
             h = lambdas[k + 1] - lam
@@ -96,8 +108,15 @@ def empirical_model_statistics(denoiser, sigmas, calibration_seed, num_samples=2
     # dimensions whose f never varies (constant data pixels) carry no slope
     s = torch.where(var > 1e-12 * (1 + m["ff"]), cov / var.clamp_min(1e-300), torch.zeros_like(var))
     b = mean_df - s * mean_f
-    return {"lambdas": torch.from_numpy(lambdas), "l": m["l"], "s": s, "b": b,
-            "num_samples": num_samples, "grid_points": grid_points}
+    # Where no calibration trajectory was finite there are no statistics: DPM-Solver++'s l = 1, s = b = 0
+    # stand in (NaN would poison the integrals over the whole grid, so every cell would diverge, also
+    # those that never evaluate there; one that does still diverges, from the model's own output).
+    missing = ~(torch.isfinite(m["l"]) & torch.isfinite(s) & torch.isfinite(b))
+    l, s, b = m["l"].masked_fill(missing, 1.0), s.masked_fill(missing, 0.0), b.masked_fill(missing, 0.0)
+    return {"lambdas": torch.from_numpy(lambdas), "l": l, "s": s, "b": b,
+            "num_samples": num_samples, "grid_points": grid_points,
+            "diverged_samples": int(diverged.sum()),  # calibration trajectories left out somewhere
+            "fallback_grid_points": int(missing.flatten(1).any(1).sum())}  # grid points with a stand-in
 
 
 # ---- sampling ----
