@@ -132,3 +132,40 @@ def test_dpm_solver_v3_without_finite_trajectories_falls_back_to_dpm_solver_pp(g
     assert bool((artifact["l"][below] == 1).all() and (artifact["s"][below] == 0).all()
                 and (artifact["b"][below] == 0).all())
     assert generate(model, sampler, NFE, 0, 16, 16).status == "ok"
+
+
+# ---- schedule searches: candidates scored by paired RMS distance to a reference ----
+
+SMALL_SEARCH = {"calibration_samples": 8, "max_evals": 12, "population": 4, "reference_steps": 50}
+SEARCHES = {"autodiffusion": spec("autodiffusion", **SMALL_SEARCH), "usf": spec("usf", **SMALL_SEARCH)}
+
+
+@pytest.mark.parametrize("method_id", list(SEARCHES))
+def test_search_diverged_candidates_lose(gmm, method_id):
+    """NaN just around the base schedule's third level: every seed diverges, the search must pick a
+    finite schedule away from it (a NaN score would win a min() taken from the first seed)."""
+    level = make_sampler(SEARCHES[method_id]).sigmas(gmm.process, NFE)[2]
+    model = NaNWhere(gmm, lambda x, sigma: (sigma > 0.999 * level) & (sigma < 1.001 * level))
+    sampler = prepared_sampler(SEARCHES[method_id], model)
+    artifact = sampler.prepared
+    assert artifact["objective_initial"] == math.inf and math.isfinite(artifact["objective"])
+    assert generate(model, sampler, NFE, 0, 16, 16).status == "ok"
+
+
+@pytest.mark.parametrize("method_id", list(SEARCHES))
+def test_search_keeps_the_base_when_every_candidate_diverges(gmm, method_id):
+    base = make_sampler(SEARCHES[method_id]).sigmas(gmm.process, NFE)
+    artifact = make_sampler(SEARCHES[method_id]).prepare(NaNWhere(gmm, lambda x, sigma: sigma < 1.0), NFE,
+                                                         CALIBRATION_SEED)
+    assert artifact["objective"] == artifact["objective_initial"] == math.inf
+    assert artifact["sigmas"] == pytest.approx(base, rel=1e-12)
+    if method_id == "usf":  # the first seed's decisions, DPM-Solver++(2M)
+        assert artifact["orders"] == [2] * NFE and artifact["correctors"] == [0] * NFE
+
+
+@pytest.mark.parametrize("method_id", list(SEARCHES))
+def test_search_scores_on_the_calibration_samples_whose_reference_is_finite(gmm, method_id):
+    """One calibration draw overflowing made every candidate's score +inf: the search silently kept
+    the base schedule."""
+    artifact = make_sampler(SEARCHES[method_id]).prepare(largest_draw_overflows(gmm, 8), NFE, CALIBRATION_SEED)
+    assert math.isfinite(artifact["objective_initial"]) and artifact["objective"] <= artifact["objective_initial"]

@@ -306,6 +306,8 @@ def _evolve(first_level: float, lo: float, candidates: list[dict], score, rng, p
         child = _mutate(child, rng, lo, hi, genes)
         if child is not None:
             scored.append((score(child), child))
+    # scores are never NaN (+inf for a diverged run); min() and the stable sort keep the earliest of equal
+    # scores, so with every candidate at +inf this is the first seed
     best_score, best = min(scored, key=lambda item: item[0])
     return best, best_score, seed_score, len(scored)
 
@@ -357,10 +359,18 @@ def _search(denoiser, sigmas, calibration_seed, sample_fn, seeds: list[dict], ca
     ref_sigmas = [float(s) for s in sigma_grid(process, int(reference_steps), {"kind": "edm_rho", "rho": 7.0})]
     reference = SOLVERS["dpmpp_2m"].fn(model, noise * process.prior_std(ref_sigmas[0]), ref_sigmas)
     reference_rows = model.rows
+    # A calibration sample whose reference diverged (NaN/Inf) cannot score a candidate: score on the others
+    # (all of them, the same numbers, when none diverged).
+    finite = torch.isfinite(reference).flatten(1).all(1)
+    every = bool(finite.all())
 
     def score(c):
         out = sample_fn(model, x_T, _schedule(sigmas[0], c), c)
-        err = ((out - reference).reshape(len(out), -1) ** 2).sum(1).mean().sqrt()
+        diff = out - reference if every else out[finite] - reference[finite]
+        err = (diff.flatten(1) ** 2).sum(1).mean().sqrt()  # no row left: NaN, so +inf
+        # A diverged candidate scores +inf and loses. If every one does (or no reference sample is finite),
+        # min() in _evolve keeps the first seed, the base solver on the cell's schedule: its cell then
+        # runs and is reported diverged if it is, rather than the preparation failing.
         return float(err) if torch.isfinite(err) else math.inf
 
     rng = np.random.default_rng(calibration_seed)
@@ -375,6 +385,7 @@ def _search(denoiser, sigmas, calibration_seed, sample_fn, seeds: list[dict], ca
         "search": {
             "objective": "RMS distance to dpmpp_2m reference from calibration noise",
             "calibration_samples": int(calibration_samples),
+            "calibration_samples_diverged": int((~finite).sum()),  # reference not finite: left out of scores
             "max_evals": int(max_evals),
             "evaluations": evaluations,
             "population": int(population),
