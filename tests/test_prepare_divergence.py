@@ -169,3 +169,16 @@ def test_search_scores_on_the_calibration_samples_whose_reference_is_finite(gmm,
     the base schedule."""
     artifact = make_sampler(SEARCHES[method_id]).prepare(largest_draw_overflows(gmm, 8), NFE, CALIBRATION_SEED)
     assert math.isfinite(artifact["objective_initial"]) and artifact["objective"] <= artifact["objective_initial"]
+
+
+# ---- DMCMC: the chain hands its least-noise state to a solver ----
+
+
+def test_dmcmc_chain_that_diverged_is_reported_not_hidden(gmm):
+    """NaN around the chain's start level: no level estimate is finite, and the chain handed its
+    starting state (at start_sigma) to a solver started at sigma_max, a finite wrong sample in a cell
+    reported ok."""
+    sampler = make_sampler(spec("dmcmc", start_sigma=2.0))
+    model = NaNWhere(gmm, lambda x, sigma: (sigma > 1.5) & (sigma < 2.5))
+    assert generate(model, sampler, NFE, 0, 16, 16).status == "diverged"
+    assert generate(gmm, sampler, NFE, 0, 16, 16).status == "ok"

@@ -105,4 +105,9 @@ def dmcmc(model, x, sigmas, noise=None, base="dpmpp_2m", start_sigma=2.0, step=0
             s = level.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
             x = x + 0.5 * step * (denoised - x) + math.sqrt(step) * s * noise.randn_like(x)
             level = estimate
+    # A chain with no finite level estimate (every evaluation diverged: NaN < level is False) has no state
+    # to hand over; its sample is NaN, so the cell reports it diverged instead of solving its start state
+    # from sigma_max (where the schedule clamps an infinite level) into a finite wrong sample.
+    lost = torch.isinf(best_level).view(-1, *[1] * (x.ndim - 1))
+    best_x = torch.where(lost, torch.full_like(best_x, math.nan), best_x)
     return _solve_rowwise(model, best_x, _rowwise_schedules(sigmas, best_level), BASE_ORDERS[base])
