@@ -113,6 +113,7 @@ def test_dpm_solver_v3_statistics_leave_out_a_diverged_calibration_trajectory(gm
     cell sampled with those statistics diverged."""
     artifact = make_sampler(V3).prepare(largest_draw_overflows(gmm, 32), NFE, CALIBRATION_SEED)
     assert statistics_finite(artifact)
+    assert artifact["diverged_samples"] == 1 and artifact["fallback_grid_points"] == 0
     clean = make_sampler(V3).prepare(gmm, NFE, CALIBRATION_SEED)
     assert torch.allclose(artifact["l"], clean["l"], atol=0.05)  # 31 of the 32 trajectories: nearly the same
     sampler = make_sampler(V3)
@@ -169,6 +170,7 @@ def test_search_scores_on_the_calibration_samples_whose_reference_is_finite(gmm,
     the base schedule."""
     artifact = make_sampler(SEARCHES[method_id]).prepare(largest_draw_overflows(gmm, 8), NFE, CALIBRATION_SEED)
     assert math.isfinite(artifact["objective_initial"]) and artifact["objective"] <= artifact["objective_initial"]
+    assert artifact["search"]["calibration_samples_diverged"] == 1
 
 
 # ---- DMCMC: the chain hands its least-noise state to a solver ----

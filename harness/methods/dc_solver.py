@@ -20,7 +20,8 @@ reference code uses a 200-step DDIM and matches each step to the nearest earlier
 final step to sigma~ = 0 returns the compensated data prediction, so the last ratio is fitted against
 the reference's final sample. The cascade polynomial regression that predicts ratios for unseen
 NFE/guidance (paper Sec. 3.3) is not implemented: ratios are fitted for each NFE. NFE: one evaluation
-per step (NFE = steps), as UniPC.
+per step (NFE = steps), as UniPC. Calibration samples whose reference diverges (NaN/Inf) are left out of
+the loss, a diverged run scores +inf, and a step with no finite loss keeps r = 1.
 
 Checked side by side with the reference code (not committed) on the same ratios, order 3, bh1 and bh2,
 NFE 5-10: samples agree to 5e-15 on gmm2d; on digits-ideal to 2e-7, because the reference interpolates

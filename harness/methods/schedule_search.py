@@ -45,8 +45,10 @@ Both evaluate a candidate by the RMS distance of its samples to a high-accuracy 
 (SampleNoise(calibration_seed, ...), disjoint from cells' noise). The papers rank candidates by FID
 (AutoDiffusion) or by FID through a trained performance predictor (USF/S3); a paired distance to
 the reference needs far fewer samples and no feature network, which is what a budget of seconds
-allows. The cell's own schedule seeds the population with the base decisions (USF unified:
-DPM-Solver++(2M), UniPC-bh2 and multistep DPM-Solver-2; unipc: the first two), so the result never
+allows. Calibration samples whose reference diverges (NaN/Inf) are left out of the distance; a candidate
+that diverges scores +inf and loses, and if every one does the first seed (the base) is kept. The cell's
+own schedule seeds the population with the base decisions (USF unified: DPM-Solver++(2M), UniPC-bh2
+and multistep DPM-Solver-2; unipc: the first two), so the result never
 scores worse than the base on the calibration noise. USF's default budget is 120 candidates
 (population 12; the larger space needs it: at 40 it found worse schedules on digits-ideal than the
 unipc space); prepare at NFE 8 takes about 3 s (gmm2d) and 5 s (digits-ideal) on 2 CPU cores.
