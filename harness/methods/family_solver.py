@@ -10,8 +10,10 @@ from harness.errors import ConfigError
 # Importing a solver module registers its solvers.
 from harness.methods import solvers  # noqa: F401  (euler, heun, dpmpp_2m)
 from harness.methods import ancestral, deis, deis_tab, dpm_solver, lms, pndm, unipc  # noqa: F401  (the solver zoo)
+from harness.methods import sa_solver  # noqa: F401  (SA-Solver)
 from harness.methods import dc_solver, dmcmc, dpm_solver_v3, dualfast, momentum  # noqa: F401  (seed papers)
 from harness.methods import schedule_search, teleport, time_shift  # noqa: F401  (seed papers)
+from harness.methods import restart  # noqa: F401  (Restart sampling)
 from harness.methods.base import Sampler
 from harness.methods.solver_base import SOLVERS
 from harness.schedules import sigma_grid
@@ -44,6 +46,7 @@ class SolverSampler(Sampler):
         self.solver = SOLVERS[name]
         self.schedule = spec.get("schedule", {"kind": "edm_rho", "rho": 7.0})
         self.params = spec.get("params", {})
+        self.nfe_rule = self.solver.nfe_rule(self.params)
         self.prepare_scope = self.solver.prepare_scope
         self.prepared: dict | None = None
 
@@ -52,17 +55,17 @@ class SolverSampler(Sampler):
         return {
             "family": self.family,
             "solver": self.name,
-            "NFE": self.solver.nfe.describe(),
+            "NFE": self.nfe_rule.describe(),
             "side data": f"per {self.prepare_scope}" if self.prepare_scope else "-",
             "schedule": schedule,
             "params": ", ".join(f"{key}={value}" for key, value in self.params.items()),
         }
 
     def check_nfe(self, nfe: int) -> None:
-        self.solver.nfe.steps(nfe, self.name)
+        self.nfe_rule.steps(nfe, self.name)
 
     def sigmas(self, process, nfe: int):
-        return [float(s) for s in sigma_grid(process, self.solver.nfe.steps(nfe, self.name), self.schedule)]
+        return [float(s) for s in sigma_grid(process, self.nfe_rule.steps(nfe, self.name), self.schedule)]
 
     def prepare(self, denoiser, nfe, calibration_seed):
         sigmas = self.sigmas(denoiser.process, nfe) if self.prepare_scope == "nfe" else None

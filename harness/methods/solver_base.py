@@ -55,7 +55,7 @@ class NFERule:
 @dataclass(frozen=True)
 class Solver:
     fn: Callable
-    nfe: NFERule
+    nfe: NFERule | Callable[..., NFERule]  # a function of the params where they change the cost (restart)
     order: int  # order of accuracy of the deterministic ODE solver (for convergence checks)
     # Side data made once in its own job (harness.prepared) and passed to `fn` as prepared=...:
     #   prepare(denoiser, sigmas, calibration_seed, **params) -> dict
@@ -67,11 +67,14 @@ class Solver:
     # native time t, which the sigma~ list does not carry).
     needs_process: bool = False
 
+    def nfe_rule(self, params: dict) -> NFERule:
+        return self.nfe(**params) if callable(self.nfe) else self.nfe
+
 
 SOLVERS: dict[str, Solver] = {}
 
 
-def solver(name: str, order: int, nfe: NFERule = NFERule(), prepare: Callable | None = None,
+def solver(name: str, order: int, nfe: NFERule | Callable[..., NFERule] = NFERule(), prepare: Callable | None = None,
            prepare_scope: str | None = None, needs_process: bool = False):
     if (prepare is None) != (prepare_scope is None) or prepare_scope not in (None, "model", "nfe"):
         raise ValueError(f"solver {name!r}: give prepare together with prepare_scope 'model' or 'nfe'")

@@ -56,7 +56,7 @@ def heun(model, x, sigmas, noise=None, variables="sigma", **churn):
     Side by side with NVlabs/edm's edm_sampler and ablation_sampler (generate.py; float64, 18 steps on gmm2d,
     the same per-step draws, S_churn 0/10/40/80, S_noise 1 and 1.003, with and without an S_tmin/S_tmax
     window): agree to 1e-15 (and differ by 1e-3 with S_noise 1 against 1.003)."""
-    steps = {"sigma": _heun_step, "flow": _heun_flow_step}
+    steps = {"sigma": heun_step, "flow": _heun_flow_step}
     if variables not in steps:
         raise ConfigError(f"heun: variables must be 'sigma' or 'flow'; got {variables!r}")
     step, churn = steps[variables], Churn("heun", len(sigmas) - 1, noise, **churn)
@@ -66,7 +66,7 @@ def heun(model, x, sigmas, noise=None, variables="sigma", **churn):
     return x
 
 
-def _heun_step(model, x, s, s_next):
+def heun_step(model, x, s, s_next):
     """One Heun step in (sigma~, x~); the last one (to 0) is Euler's."""
     # the Euler step x + (s_next - s) d with d = (x - D) / s, fused into one lerp as in euler
     x_euler = torch.lerp(model(x, s), x, s_next / s)
