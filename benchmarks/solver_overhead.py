@@ -38,6 +38,7 @@ from diffusers import (
     IPNDMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    SASolverScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -74,6 +75,7 @@ PAIRS = [
     ({"solver": "euler_ancestral"}, lambda: EulerAncestralDiscreteScheduler(**BETAS)),
     ({"solver": "euler_ancestral", "params": {"eta": 1.0}}, lambda: DDPMScheduler(**BETAS)),
     ({"solver": "ddpm_large"}, lambda: DDPMScheduler(**BETAS, variance_type="fixed_large")),
+    ({"solver": "sa_solver"}, lambda: SASolverScheduler(**BETAS)),  # both defaults: orders 2, 2, tau on 200..800
 ]
 
 
