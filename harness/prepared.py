@@ -1,4 +1,4 @@
-"""Prepared artifacts: a method's side data, cached per (model, method, params[, NFE]).
+"""Prepared artifacts: a method's side data, cached per (model, method, params[, NFE], preparing code).
 
 Preparation runs in its own job (`stepbench prepare`, rules/prepare.smk); a sampling job only loads
 the file and fails with one line if it is missing, so side data is never recomputed silently and its
@@ -21,18 +21,20 @@ from harness.nfe import CountingDenoiser
 CALIBRATION_SEED = 2**31 - 1  # cells use small seeds; calibration draws never coincide with theirs
 
 
-def artifact_path(cache_dir, model_id: str, model_spec: dict, method_id: str, method_spec: dict, scope: str | None,
+def artifact_path(cache_dir, model_id: str, model_spec: dict, method_id: str, method_spec: dict, sampler,
                   nfe: int) -> Path | None:
+    scope = sampler.prepare_scope
     if scope is None:
         return None
     key_nfe = nfe if scope == "nfe" else None
-    key = config_hash(model_spec, method_spec, key_nfe, CALIBRATION_SEED)
+    # the preparing code is part of the key: after a fix to it, an artifact it made before is not used again
+    key = config_hash(model_spec, method_spec, key_nfe, CALIBRATION_SEED, sampler.prepare_code())
     suffix = f"-nfe{nfe}" if scope == "nfe" else ""
     return Path(cache_dir) / "prepared" / model_id / f"{method_id}{suffix}-{key}.pt"
 
 
 def prepare(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe: int, device="cpu") -> Path:
-    path = artifact_path(cache_dir, model_id, model_spec, method_id, method_spec, sampler.prepare_scope, nfe)
+    path = artifact_path(cache_dir, model_id, model_spec, method_id, method_spec, sampler, nfe)
     if path is None:
         raise StepbenchError(f"method {method_id!r} has nothing to prepare")
     if path.exists():
@@ -50,7 +52,7 @@ def prepare(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nf
 
 def load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe: int) -> dict | None:
     """Hand the artifact to the sampler; returns its record for cell.json (None if nothing needed)."""
-    path = artifact_path(cache_dir, model_id, model_spec, method_id, method_spec, sampler.prepare_scope, nfe)
+    path = artifact_path(cache_dir, model_id, model_spec, method_id, method_spec, sampler, nfe)
     if path is None:
         return None
     if not path.exists():

@@ -82,7 +82,7 @@ def plan(config: dict) -> Plan:
     for cell in cells:
         sampler = make_sampler(methods[cell.method])
         path = prepared.artifact_path(cache_dir, cell.model, models[cell.model], cell.method, methods[cell.method],
-                                      sampler.prepare_scope, cell.nfe)
+                                      sampler, cell.nfe)
         if path is not None:
             result.prepared[(cell.model, cell.method, cell.nfe)] = path
     for model_id in model_ids:

@@ -171,3 +171,16 @@ def test_cli_methods_lists_nfe_rules_side_data_and_a_budget(repo_files):
     assert rows["dc_solver"].split()[1:5] == ["yes", "solver", "dc_solver", "steps"] and "per nfe" in rows["dc_solver"]
     assert rows["ddpm"].rstrip().endswith("eta=1.0")
     assert len(rows) == len(METHODS) + 1  # every entry of methods.yaml, and the header
+
+
+def test_prepared_artifact_key_follows_the_preparing_code(tmp_path, monkeypatch):
+    import harness.methods.family_solver as family_solver
+
+    def path():
+        sampler = make_sampler(METHODS["dc_solver"])
+        return prepared.artifact_path(tmp_path, "gmm2d", MODELS["gmm2d"], "dc_solver", METHODS["dc_solver"], sampler, 8)
+
+    before = path()
+    assert path() == before  # the same code, the same artifact
+    monkeypatch.setattr(family_solver, "module_source_hash", lambda module: f"{module} after a fix")
+    assert path() != before and path().parent == before.parent

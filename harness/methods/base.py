@@ -31,6 +31,10 @@ class Sampler(ABC):
         (disjoint from every cell's noise). Returns a torch.save-able dict."""
         raise NotImplementedError(f"{type(self).__name__} has nothing to prepare")
 
+    def prepare_code(self) -> str:
+        """A hash of the code that prepares the side data: part of the artifact's cache key."""
+        raise NotImplementedError(f"{type(self).__name__} has nothing to prepare")
+
     def use_prepared(self, artifact: dict) -> None:
         """Take the side data made by `prepare` before sampling."""
         raise NotImplementedError(f"{type(self).__name__} has nothing to prepare")

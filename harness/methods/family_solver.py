@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
+import sys
+from functools import lru_cache
 
 import torch
 
@@ -28,6 +32,11 @@ def import_solver_module(module: str) -> None:
     except Exception as err:  # not found, or failing while it runs: either way one line, not a traceback
         first_line = (str(err).splitlines() or [""])[0]
         raise ConfigError(f"solver module {module!r} cannot be imported: {type(err).__name__}: {first_line}") from None
+
+
+@lru_cache(maxsize=None)
+def module_source_hash(module: str) -> str:
+    return hashlib.sha256(inspect.getsource(sys.modules[module]).encode()).hexdigest()[:16]
 
 
 class SolverSampler(Sampler):
@@ -71,6 +80,10 @@ class SolverSampler(Sampler):
         sigmas = self.sigmas(denoiser.process, nfe) if self.prepare_scope == "nfe" else None
         with torch.no_grad():
             return self.solver.prepare(denoiser, sigmas, calibration_seed, **self.params)
+
+    def prepare_code(self) -> str:
+        """The source of the module that defines the solver's prepare function, hashed."""
+        return module_source_hash(self.solver.prepare.__module__)
 
     def use_prepared(self, artifact: dict) -> None:
         self.prepared = artifact
