@@ -36,6 +36,8 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     IPNDMScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     SASolverScheduler,
@@ -74,6 +76,8 @@ PAIRS = [
     ({"solver": "lms"}, lambda: LMSDiscreteScheduler(**BETAS)),
     ({"solver": "euler_ancestral"}, lambda: EulerAncestralDiscreteScheduler(**BETAS)),
     ({"solver": "euler_ancestral", "params": {"eta": 1.0}}, lambda: DDPMScheduler(**BETAS)),
+    ({"solver": "dpm_solver_2"}, lambda: KDPM2DiscreteScheduler(**BETAS)),
+    ({"solver": "dpm2_ancestral"}, lambda: KDPM2AncestralDiscreteScheduler(**BETAS)),
     ({"solver": "ddpm_large"}, lambda: DDPMScheduler(**BETAS, variance_type="fixed_large")),
     ({"solver": "sa_solver"}, lambda: SASolverScheduler(**BETAS)),  # both defaults: orders 2, 2, tau on 200..800
 ]

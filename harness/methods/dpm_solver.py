@@ -34,16 +34,16 @@ def dpm_solver_2(model, x, sigmas, noise=None):
 
 def dpm_solver_2_step(model, x, s, s_to):
     """One DPM-Solver-2 step from s to s_to (x = D when s_to = 0). On scaled variables it is the midpoint rule
-    on dx~/dsigma~ = eps with the midpoint at sqrt(s s_to): what k-diffusion calls DPM2 (sample_dpm_2,
-    diffusers' KDPM2DiscreteScheduler), the same method under another name: side by side with k-diffusion's
-    sample_dpm_2 they agree to 1e-15 (tests/test_solver_zoo.py checks it against KDPM2)."""
+    on dx~/dsigma~ = eps with the midpoint at sqrt(s s_to) (r = 1/2 in lambda, where the paper's
+    eps + (eps_mid - eps) / 2r is eps_mid): what k-diffusion calls DPM2 (sample_dpm_2, diffusers'
+    KDPM2DiscreteScheduler), the same method under another name: side by side with k-diffusion's sample_dpm_2
+    they agree to 1e-15 (tests/test_solver_zoo.py checks it against KDPM2)."""
     if s_to == 0:
         return model(x, s)
-    r = 0.5
-    s_mid = s * (s_to / s) ** r
-    eps = _eps(model, x, s)
-    eps_mid = _eps(model, x - (s - s_mid) * eps, s_mid)
-    return x - (s - s_to) * (eps + (eps_mid - eps) / (2 * r))
+    s_mid = math.sqrt(s * s_to)
+    x_mid = torch.lerp(model(x, s), x, s_mid / s)  # the first-order (DDIM) step to s_mid
+    # x - (s - s_to) eps_mid with eps_mid = (x_mid - D_mid) / s_mid, the difference taken in place in x_mid
+    return x.add(x_mid.sub_(model(x_mid, s_mid)), alpha=(s_to - s) / s_mid)
 
 
 @solver("dpm_solver_3", order=3, nfe=NFERule(per_step=3, saved_at_end=2))
