@@ -35,7 +35,7 @@ def _cell(tmp_path, name, model="digits-ideal", method="dpmpp_2m", nfe=8, n=40, 
 
 @pytest.mark.parametrize("model", ["gmm2d", "digits-ideal"])
 @pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m", "euler_ancestral", "ddpm_large", "sde_dpmpp_2m",
-                                    "sde_dpmpp_3m", "heun_churn"])
+                                    "sde_dpmpp_3m", "heun_churn", "dpmpp_2s_ancestral"])
 def test_samples_byte_identical_across_runs_and_batch_sizes(tmp_path, model, method):
     # the stochastic solvers draw their step noise from the per-sample generators too
     runs = [_cell(tmp_path, f"b{b}-{i}", model, method, nfe=9, batch=b) for i, b in enumerate([40, 40, 7, 1])]
