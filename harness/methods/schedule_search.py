@@ -131,6 +131,7 @@ def usf_solve(model, x, sigmas, orders, correctors):
         # UniC reuses the evaluation the next step needs anyway
         x = _unic(x, s, s_next, h, lams, data, order, DATA, denoised_next) if correctors[i] else x_pred
         lams.append(lam_next), data.append(denoised_next)
+        del lams[:-MAX_ORDER], data[:-MAX_ORDER]  # as far back as any step reaches
     return x
 
 
@@ -198,13 +199,14 @@ def unified_solve(model, x, sigmas, orders, predictions, estimates, relaxations,
     1 UniC (bh2, as UniPC), 2 the reference's pseudo corrector (Taylor order + 1 from the step's start,
     the new evaluation added to each derivative's points, no relaxation). Both correctors reuse the next
     step's evaluation; the final step to sigma = 0 returns the denoiser's output (first order)."""
-    lams: list[float] = []  # lambda of each evaluated point, oldest first
+    lams: list[float] = []  # lambda of the last MAX_ORDER evaluated points (as far back as any step reaches)
     data: list = []  # D(x, sigma) there
-    noise: list = []  # (x - D) / sigma there
+    noise: list = []  # (x - D) / sigma there, where some step reads the noise prediction (else None)
+    keep_noise = any(int(p) == NOISE for p in predictions)
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         if i == 0:
             denoised = model(x, s)
-            lams.append(-math.log(s)), data.append(denoised), noise.append((x - denoised) / s)
+            lams.append(-math.log(s)), data.append(denoised), noise.append((x - denoised) / s if keep_noise else None)
         if s_next == 0:
             return data[-1]
         lam_next = -math.log(s_next)
@@ -221,7 +223,7 @@ def unified_solve(model, x, sigmas, orders, predictions, estimates, relaxations,
             derivatives[0] = derivatives[0] * _relaxation(h, prediction, int(relaxations[i]), float(relax_coefs[i]))
         x_pred = _taylor_update(x, s, s_next, h, prediction, values[-1], derivatives)
         denoised_next = model(x_pred, s_next)
-        noise_next = (x_pred - denoised_next) / s_next
+        noise_next = (x_pred - denoised_next) / s_next if keep_noise else None
         corrector = int(correctors[i])
         if corrector == TAYLOR_CORRECTOR:
             lams_c = lams + [lam_next]
@@ -236,6 +238,7 @@ def unified_solve(model, x, sigmas, orders, predictions, estimates, relaxations,
         else:
             x_next = x_pred
         lams.append(lam_next), data.append(denoised_next), noise.append(noise_next)
+        del lams[:-MAX_ORDER], data[:-MAX_ORDER], noise[:-MAX_ORDER]  # no batch-sized history beyond that
         x = x_next
     return x
 
