@@ -67,7 +67,7 @@ def _step(model, x, outputs, sigmas, times, i, order, variant, ratio):
     if sigmas[i + 1] == 0:
         return x_predicted, outputs
     evaluated = model(x_predicted, sigmas[i + 1])
-    return _correct(x, evaluated, outputs + [evaluated], lambdas, sigmas, i + 1, step_order, variant), \
+    return _correct(x, evaluated, outputs, lambdas, sigmas, i + 1, step_order, variant), \
         outputs + [evaluated]
 
 

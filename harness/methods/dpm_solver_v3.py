@@ -215,6 +215,7 @@ def dpm_solver_v3(model, x, sigmas, noise=None, prepared=None, order=3, predicto
     for k, i_now in enumerate(indices_planned):
         d = model(x, tab.sigma(i_now))
         xs.append(x), denoised.append(d), indices.append(i_now)
+        del xs[:-4], denoised[:-4], indices[:-4]  # the corrector reaches 4 points back at most (order 3 + pseudo)
         corrector_order = predictor_order + int(corrector_pseudo)
         if use_corrector and corrector_order > 1:
             points = [-2, -1] + [-j for j in range(3, corrector_order + 1)]

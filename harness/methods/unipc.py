@@ -38,10 +38,10 @@ def _ratios(lambdas, base, order, h):
 
 
 def _predict(x, outputs, lambdas, sigmas, i, order, variant):
-    """UniP-order from sigma_i to sigma_{i+1}."""
+    """UniP-order from sigma_i to sigma_{i+1}; outputs ends with m_i (and holds at least `order` of them)."""
     s, s_next = sigmas[i], sigmas[i + 1]
     if s_next == 0:  # order is 1 here: the exact limit of the update
-        return outputs[i]
+        return outputs[-1]
     h = math.log(s / s_next)
     rks = _ratios(lambdas, i, order, h)
     h_phi_1, b_h, rows, b = _linear_system(rks + [1.0], h, variant)
@@ -54,12 +54,13 @@ def _predict(x, outputs, lambdas, sigmas, i, order, variant):
         for k, (rho, r) in enumerate(zip(rhos, rks), start=1):
             w = float(b_h * rho / r)
             w_now += w
-            older.append((-w, outputs[i - k]))
-    return combine([(s_next / s, x), (w_now, outputs[i])] + older)
+            older.append((-w, outputs[-1 - k]))
+    return combine([(s_next / s, x), (w_now, outputs[-1])] + older)
 
 
 def _correct(x_last, model_now, outputs, lambdas, sigmas, i, order, variant):
-    """UniC-order: redo the step sigma_{i-1} -> sigma_i with the new evaluation `model_now` at sigma_i."""
+    """UniC-order: redo the step sigma_{i-1} -> sigma_i with the new evaluation `model_now` at sigma_i; outputs
+    ends with m_{i-1}."""
     s, s_now = sigmas[i - 1], sigmas[i]
     h = math.log(s / s_now)
     rks = _ratios(lambdas, i - 1, order, h)
@@ -72,8 +73,8 @@ def _correct(x_last, model_now, outputs, lambdas, sigmas, i, order, variant):
     for k, (rho, r) in enumerate(zip(rhos[:-1], rks), start=1):
         w = float(b_h * rho / r)
         w_base += w
-        older.append((-w, outputs[i - 1 - k]))
-    return combine([(s_now / s, x_last), (w_base, outputs[i - 1]), (-w_last, model_now)] + older)
+        older.append((-w, outputs[-1 - k]))
+    return combine([(s_now / s, x_last), (w_base, outputs[-1]), (-w_last, model_now)] + older)
 
 
 @solver("unipc", order=3)
@@ -90,6 +91,7 @@ def unipc(model, x, sigmas, noise=None, order=2, variant="bh2", corrector=True):
         if corrector and i > 0:
             x = _correct(x_last, denoised, outputs, lambdas, sigmas, i, last_order, variant)
         outputs.append(denoised)  # the evaluation at the predicted point serves the history
+        del outputs[:-order]  # as far back as any step reaches: no batch-sized tensor per step kept
         last_order = min(order, steps - i, i + 1)
         x_last = x
         x = _predict(x, outputs, lambdas, sigmas, i, last_order, variant)
