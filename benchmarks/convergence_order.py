@@ -58,7 +58,7 @@ def make_problem(num_samples: int = 1000, seed: int = 0, models_file: str = "mod
 
 def budgets(name: str, targets=TARGET_NFES) -> list[int]:
     """The smallest NFE at or above each target that the solver meets exactly (Heun needs odd NFE)."""
-    rule = SOLVERS[name].nfe
+    rule = SOLVERS[name].nfe_rule({})
     nfes = []
     for target in targets:
         steps = max(rule.min_steps, -(-(target + rule.saved_at_end) // rule.per_step))

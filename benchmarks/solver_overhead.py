@@ -208,7 +208,7 @@ def main() -> None:
             rows.append((label, scheduler_name, None, None, "not implemented in stepbench yet"))
             continue
         (ours, ours_draws), (theirs, theirs_draws) = fastest_of(
-            [stepbench_run(spec, SOLVERS[name].nfe.nfe(args.steps), x_T, x0),
+            [stepbench_run(spec, SOLVERS[name].nfe_rule(spec.get("params", {})).nfe(args.steps), x_T, x0),
              diffusers_run(make_scheduler, args.steps, x_T, eps, args.diffusers_generator)], args.repeats)
         ratios.append(ours / theirs)
         with_draws.append((ours + ours_draws) / (theirs + theirs_draws))

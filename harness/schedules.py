@@ -217,8 +217,13 @@ def logsnr_uniform(process: NoiseProcess, n: int) -> np.ndarray:
 
 
 def edm_rho(process: NoiseProcess, n: int, rho: float = 7.0) -> np.ndarray:
+    return karras_levels(process.sigma_max, process.sigma_min, n, rho)
+
+
+def karras_levels(sigma_hi: float, sigma_lo: float, n: int, rho: float) -> np.ndarray:
+    """n levels from sigma_hi to sigma_lo, uniform in sigma^(1/rho) (Karras et al. 2022, eq. 5)."""
     ramp = np.linspace(0.0, 1.0, n)
-    lo, hi = process.sigma_min ** (1 / rho), process.sigma_max ** (1 / rho)
+    lo, hi = sigma_lo ** (1 / rho), sigma_hi ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho
 
 

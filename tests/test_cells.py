@@ -184,3 +184,18 @@ def test_prepared_artifact_key_follows_the_preparing_code(tmp_path, monkeypatch)
     assert path() == before  # the same code, the same artifact
     monkeypatch.setattr(family_solver, "module_source_hash", lambda module: f"{module} after a fix")
     assert path() != before and path().parent == before.parent
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ("typo:\n  family: solver\n  solver: heun\n  params: {s_chrun: 40}\n",
+     "methods.yaml: key 'typo.params.s_chrun': unknown for solver 'heun'; valid: variables, s_churn, s_tmin"),
+    ("typo:\n  family: solver\n  solver: dc_solver\n  params: {calibration_sample: 4}\n",
+     "key 'typo.params.calibration_sample': unknown for solver 'dc_solver'; valid: order, variant, calibration_samples"),
+])
+def test_cli_misspelt_solver_param_is_one_line(repo_files, entry, expected):
+    with open(repo_files / "methods.yaml", "a") as f:
+        f.write(entry)
+    run = _cli("sample", "--model", "gmm2d", "--method", "euler", "--nfe", "4", "--out", str(repo_files / "x"),
+               cwd=repo_files)
+    assert run.returncode != 0 and expected in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1

@@ -12,6 +12,8 @@ the error accumulated so far, while the ODE steps add little discretisation erro
             rho  (spacing of each restart's levels)
 
 NFE = 2 steps - 1 (the main Heun) + sum over intervals of K * 2 (n - 1): every restart step ends above 0.
+The intervals must anchor at distinct main levels, which depends on the budget (the paper's ImageNet-64
+intervals do at NFE 203, not at 143): where two meet, sampling stops with a one-line error naming the level.
 Noise comes from the per-sample streams, only where it is used (the reference also draws where it multiplies
 it by 0). Its restart levels are float32; ours are float64. restart_gamma is capped at sqrt(2) - 1, as EDM's
 churn is. Side by side with the reference's restart_sampler (its levels made float64, the same draws, gmm2d,
@@ -25,6 +27,7 @@ import numpy as np
 from harness.errors import ConfigError
 from harness.methods.solver_base import NFERule, require_noise, solver
 from harness.methods.solvers import Churn, heun_step
+from harness.schedules import karras_levels
 
 # CIFAR-10 EDM (the reference's params_cifar10_edm.txt, 18 main steps: NFE 43)
 CIFAR10_EDM_INTERVALS = ([3, 2, 0.14, 0.30],)
@@ -64,14 +67,11 @@ def _anchors(sigmas, intervals):
     return anchors
 
 
-def _edm_levels(t_max, t_min, n, rho):
-    ramp = np.linspace(0.0, 1.0, n)
-    return list((t_max ** (1 / rho) + ramp * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho)
-
-
 @solver("restart", order=0, nfe=_restart_nfe)  # stochastic: no deterministic order
 def restart(model, x, sigmas, noise=None, intervals=CIFAR10_EDM_INTERVALS, s_noise=1.003, restart_gamma=0.05,
             s_tmin=0.01, s_tmax=1.0, rho=7.0):
+    if restart_gamma < 0:
+        raise ConfigError(f"restart: restart_gamma must be >= 0; got {restart_gamma!r}")
     intervals = _checked(intervals)
     anchors = _anchors(sigmas, intervals)
     if any(k for _, k, _, _ in intervals):  # else no restart happens, nothing is drawn: Heun
@@ -83,7 +83,7 @@ def restart(model, x, sigmas, noise=None, intervals=CIFAR10_EDM_INTERVALS, s_noi
         if i + 1 not in anchors:
             continue
         n, k, t_max = anchors[i + 1]
-        levels = _edm_levels(t_max, s_next, n, rho)[:-1] + [s_next]  # ends exactly on the main level
+        levels = list(karras_levels(t_max, s_next, n, rho))[:-1] + [s_next]  # ends exactly on the main level
         for _ in range(k):
             x = x + noise.randn_like(x) * (s_noise * (t_max**2 - s_next**2) ** 0.5)
             for level, level_next in zip(levels[:-1], levels[1:]):

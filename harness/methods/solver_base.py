@@ -11,6 +11,7 @@ Solver modules register with @solver; harness.methods.family_solver imports them
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -69,6 +70,20 @@ class Solver:
 
     def nfe_rule(self, params: dict) -> NFERule:
         return self.nfe(**params) if callable(self.nfe) else self.nfe
+
+    def param_names(self) -> list[str] | None:
+        """The methods.yaml params it takes (its function's keywords and its prepare's), or None where its
+        function takes any keyword (a user's solver may forward them) and there is nothing to check against."""
+        functions = [f for f in (self.fn, self.prepare) if f is not None]
+        names: list[str] = []
+        for f in functions:
+            for p in list(inspect.signature(f).parameters.values())[3:]:  # after (model, x, sigmas) / (denoiser, ...)
+                if p.kind == p.VAR_KEYWORD:
+                    if self.prepare is None:
+                        return None
+                elif p.name not in ("noise", "prepared", "process") and p.name not in names:
+                    names.append(p.name)
+        return names
 
 
 SOLVERS: dict[str, Solver] = {}

@@ -35,11 +35,11 @@ class Churn:
 
 
 @solver("euler", order=1)
-def euler(model, x, sigmas, noise=None, **churn):
+def euler(model, x, sigmas, noise=None, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """Euler on the PF-ODE in sigma~; identical to DDIM with eta = 0. With s_churn > 0, EDM's stochastic
     Euler (its ablation sampler, k-diffusion's sample_euler): see Churn. Side by side with NVlabs/edm's
     ablation_sampler(solver='euler') as for heun below: agree to 1e-15."""
-    churn = Churn("euler", len(sigmas) - 1, noise, **churn)
+    churn = Churn("euler", len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         x, s = churn(x, s)
         # x_next = denoised + (s_next / s) (x - denoised), fused into one kernel
@@ -48,7 +48,7 @@ def euler(model, x, sigmas, noise=None, **churn):
 
 
 @solver("heun", order=2, nfe=NFERule(per_step=2, saved_at_end=1))
-def heun(model, x, sigmas, noise=None, variables="sigma", **churn):
+def heun(model, x, sigmas, noise=None, variables="sigma", s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """EDM's 2nd-order Heun (Karras et al. 2022, Alg. 1) on dx~/dsigma~, or with variables="flow" the same rule
     in flow-matching time (diffusers' FlowMatchHeun, SD3): see _heun_flow_step. With s_churn > 0, EDM's
     stochastic sampler (Alg. 2): see Churn.
@@ -59,7 +59,7 @@ def heun(model, x, sigmas, noise=None, variables="sigma", **churn):
     steps = {"sigma": heun_step, "flow": _heun_flow_step}
     if variables not in steps:
         raise ConfigError(f"heun: variables must be 'sigma' or 'flow'; got {variables!r}")
-    step, churn = steps[variables], Churn("heun", len(sigmas) - 1, noise, **churn)
+    step, churn = steps[variables], Churn("heun", len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         x, s = churn(x, s)
         x = step(model, x, s, s_next)
