@@ -108,6 +108,27 @@ def statistics_finite(artifact) -> bool:
     return all(bool(torch.isfinite(artifact[k]).all()) for k in ("l", "s", "b"))
 
 
+def test_dc_solver_fits_on_the_calibration_samples_whose_own_run_is_finite(gmm):
+    """One calibration row diverging in the fitted run only (its reference stays finite) must not turn every
+    later ratio into the plain step: the fit leaves that row out, and the artifact counts it."""
+    sampler = make_sampler(DC)
+    clean = sampler.prepare(gmm, NFE, CALIBRATION_SEED)
+    levels = sampler.sigmas(gmm.process, NFE)
+    reference_calls, calls = (len(levels) - 2) * DC["params"]["reference_substeps"] + 1, [0]
+
+    def bad(x, sigma):  # row 0, below the second level, after the reference run
+        calls[0] += 1
+        rows = torch.zeros(len(x), dtype=torch.bool)
+        rows[0] = calls[0] > reference_calls and bool((torch.as_tensor(sigma) <= levels[2] * 1.0001).all())
+        return rows
+
+    fitted = make_sampler(DC).prepare(NaNWhere(gmm, bad), NFE, CALIBRATION_SEED)
+    assert clean["ratios"][2:] != [1.0] * (len(levels) - 3)  # the clean fit moves the ratios
+    assert all_finite(fitted["ratios"]) and fitted["ratios"][2:] != [1.0] * (len(levels) - 3)
+    assert fitted["calibration_samples_diverged"] == 1 and fitted["unfitted_steps"] == []
+    assert clean["calibration_samples_diverged"] == 0
+
+
 def test_dpm_solver_v3_statistics_leave_out_a_diverged_calibration_trajectory(gmm):
     """One calibration draw overflowing made every mean NaN from the first grid point on, and every
     cell sampled with those statistics diverged."""

@@ -96,13 +96,17 @@ def fit_compensation_ratios(denoiser, sigmas, calibration_seed, order=3, variant
     draws = SampleNoise(calibration_seed, range(calibration_samples), device=info.device)
     x = draws.randn(info.data_shape, dtype=info.dtype) * process.prior_std(sigmas[0])
     reference = _reference_states(denoiser, x, sigmas, reference_substeps)
-    outputs, ratios = [denoiser(x, sigmas[0])], []
+    outputs, ratios, diverged, unfitted = [denoiser(x, sigmas[0])], [], 0, []
     for i in range(len(sigmas) - 1):
-        # A calibration sample whose reference diverged (NaN/Inf) cannot score a ratio: fit on the others
-        # (the loss is unchanged when none diverged).
+        # A calibration sample whose reference or whose own run diverged (NaN/Inf) cannot score a ratio: fit
+        # on the others (the loss is unchanged when none diverged). Its own run is judged by the plain step.
         target = reference[i + 1]
         finite = torch.isfinite(target).flatten(1).all(1)
+        if i >= INTERPOLATION_ORDER:
+            plain, _ = _step(denoiser, x, outputs, sigmas, times, i, order, variant, 1.0)
+            finite &= torch.isfinite(plain).flatten(1).all(1)
         every = bool(finite.all())
+        diverged = max(diverged, int((~finite).sum()))
 
         def loss(ratio):
             state, _ = _step(denoiser, x, outputs, sigmas, times, i, order, variant, float(ratio))
@@ -115,9 +119,11 @@ def fit_compensation_ratios(denoiser, sigmas, calibration_seed, order=3, variant
             fit = minimize_scalar(loss, bracket=(1.0, 1.05), method="brent", options={"maxiter": 40})
             if math.isfinite(fit.fun):  # else no ratio tried gave a finite loss: keep the plain UniPC step
                 ratio = float(fit.x)
+            else:
+                unfitted.append(i)
         ratios.append(ratio)
         x, outputs = _step(denoiser, x, outputs, sigmas, times, i, order, variant, ratio)
-    return {"ratios": ratios, "times": times}
+    return {"ratios": ratios, "times": times, "calibration_samples_diverged": diverged, "unfitted_steps": unfitted}
 
 
 @solver("dc_solver", order=3, prepare=fit_compensation_ratios, prepare_scope="nfe")
