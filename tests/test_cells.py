@@ -182,7 +182,7 @@ def test_prepared_artifact_key_follows_the_preparing_code(tmp_path, monkeypatch)
 
     before = path()
     assert path() == before  # the same code, the same artifact
-    monkeypatch.setattr(family_solver, "module_source_hash", lambda module: f"{module} after a fix")
+    monkeypatch.setattr(family_solver, "preparation_code_hash", lambda module: f"{module} after a fix")
     assert path() != before and path().parent == before.parent
 
 
@@ -199,3 +199,20 @@ def test_cli_misspelt_solver_param_is_one_line(repo_files, entry, expected):
                cwd=repo_files)
     assert run.returncode != 0 and expected in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("edited, counts", [("harness.methods.unipc", True), ("harness.methods.solvers", True),
+                                            ("harness.schedules", True), ("harness.report.html", False)])
+def test_preparation_code_hash_covers_what_a_preparation_runs(monkeypatch, edited, counts):
+    """dc_solver's fit runs UniPC's steps, the searches run solvers by name and the schedules: an edit there
+    gives new artifacts; an edit to the report does not."""
+    import inspect
+
+    import harness.methods.family_solver as family_solver
+    import harness.report.html  # noqa: F401  (loaded, as in a process that renders reports)
+
+    hashed = family_solver.preparation_code_hash.__wrapped__  # uncached
+    before = hashed("harness.methods.dc_solver")
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda m: real(m) + ("# edited" if m.__name__ == edited else ""))
+    assert (hashed("harness.methods.dc_solver") != before) == counts

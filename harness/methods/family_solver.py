@@ -34,9 +34,21 @@ def import_solver_module(module: str) -> None:
         raise ConfigError(f"solver module {module!r} cannot be imported: {type(err).__name__}: {first_line}") from None
 
 
+# What a preparation can run: the solvers (it calls others by name, e.g. reference runs and base solvers), the
+# schedules, the noise and the model adapters. Report, metric and workflow code is left out.
+PREPARATION_CODE = ("harness.methods", "harness.schedules", "harness.noise", "harness.models")
+
+
 @lru_cache(maxsize=None)
-def module_source_hash(module: str) -> str:
-    return hashlib.sha256(inspect.getsource(sys.modules[module]).encode()).hexdigest()[:16]
+def preparation_code_hash(module: str) -> str:
+    """The sources of the loaded modules under PREPARATION_CODE and of `module` (a user's own solvers), hashed."""
+    names = sorted({module} | {name for name in sys.modules
+                               if any(name == p or name.startswith(p + ".") for p in PREPARATION_CODE)})
+    digest = hashlib.sha256()
+    for name in names:
+        source = sys.modules[name].__file__ and inspect.getsource(sys.modules[name])
+        digest.update(f"{name}\n{source}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 class SolverSampler(Sampler):
@@ -82,8 +94,7 @@ class SolverSampler(Sampler):
             return self.solver.prepare(denoiser, sigmas, calibration_seed, **self.params)
 
     def prepare_code(self) -> str:
-        """The source of the module that defines the solver's prepare function, hashed."""
-        return module_source_hash(self.solver.prepare.__module__)
+        return preparation_code_hash(self.solver.prepare.__module__)
 
     def use_prepared(self, artifact: dict) -> None:
         self.prepared = artifact
