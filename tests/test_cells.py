@@ -201,18 +201,21 @@ def test_cli_misspelt_solver_param_is_one_line(repo_files, entry, expected):
     assert len(run.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("edited, counts", [("harness.methods.unipc", True), ("harness.methods.solvers", True),
-                                            ("harness.schedules", True), ("harness.report.html", False)])
-def test_preparation_code_hash_covers_what_a_preparation_runs(monkeypatch, edited, counts):
+@pytest.mark.parametrize("edited, counts", [("methods/unipc.py", True), ("methods/solvers.py", True),
+                                            ("schedules.py", True), ("report/html.py", False)])
+def test_preparation_code_hash_covers_what_a_preparation_runs(tmp_path, monkeypatch, edited, counts):
     """dc_solver's fit runs UniPC's steps, the searches run solvers by name and the schedules: an edit there
-    gives new artifacts; an edit to the report does not."""
-    import inspect
+    gives new artifacts; an edit to the report does not. The key comes from the files, whatever is loaded."""
+    import shutil
 
     import harness.methods.family_solver as family_solver
-    import harness.report.html  # noqa: F401  (loaded, as in a process that renders reports)
 
     hashed = family_solver.preparation_code_hash.__wrapped__  # uncached
     before = hashed("harness.methods.dc_solver")
-    real = inspect.getsource
-    monkeypatch.setattr(inspect, "getsource", lambda m: real(m) + ("# edited" if m.__name__ == edited else ""))
+    copy = tmp_path / "harness"
+    shutil.copytree(family_solver.HARNESS, copy)
+    monkeypatch.setattr(family_solver, "HARNESS", copy)
+    assert hashed("harness.methods.dc_solver") == before  # same sources, same key
+    with open(copy / edited, "a") as f:
+        f.write("# edited\n")
     assert (hashed("harness.methods.dc_solver") != before) == counts

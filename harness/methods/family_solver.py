@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 import sys
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -35,19 +35,21 @@ def import_solver_module(module: str) -> None:
 
 
 # What a preparation can run: the solvers (it calls others by name, e.g. reference runs and base solvers), the
-# schedules, the noise and the model adapters. Report, metric and workflow code is left out.
-PREPARATION_CODE = ("harness.methods", "harness.schedules", "harness.noise", "harness.models")
+# schedules, the noise and the model adapters; report, metric and workflow code is left out. Read from the
+# files, not from the loaded modules: the workflow, the prepare job and the cell must all get the same key.
+HARNESS = Path(__file__).resolve().parents[1]
+PREPARATION_CODE = ("methods/*.py", "models/*.py", "schedules.py", "noise.py")
 
 
 @lru_cache(maxsize=None)
 def preparation_code_hash(module: str) -> str:
-    """The sources of the loaded modules under PREPARATION_CODE and of `module` (a user's own solvers), hashed."""
-    names = sorted({module} | {name for name in sys.modules
-                               if any(name == p or name.startswith(p + ".") for p in PREPARATION_CODE)})
+    """The sources of the PREPARATION_CODE files and of `module` (a user's own solvers), hashed."""
+    files = sorted({path for pattern in PREPARATION_CODE for path in HARNESS.glob(pattern)})
+    if not module.startswith("harness."):  # a user's module of solvers
+        files.append(Path(sys.modules[module].__file__))
     digest = hashlib.sha256()
-    for name in names:
-        source = sys.modules[name].__file__ and inspect.getsource(sys.modules[name])
-        digest.update(f"{name}\n{source}\n".encode())
+    for path in files:
+        digest.update(path.name.encode() + b"\n" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
