@@ -85,7 +85,7 @@ def load_methods(path: str | Path = "methods.yaml") -> dict[str, dict]:
                     raise ConfigError(f"{path}: key '{method_id}.module': {err}") from None
             _check_choice(path, f"{method_id}.solver", spec["solver"], sorted(SOLVERS))
             valid = SOLVERS[spec["solver"]].param_names()
-            unknown = sorted(set(spec.get("params", {})) - set(valid if valid is not None else spec.get("params", {})))
+            unknown = sorted(set(spec.get("params", {})) - set(valid)) if valid is not None else []
             if unknown:
                 raise ConfigError(f"{path}: key '{method_id}.params.{unknown[0]}': unknown for solver "
                                   f"{spec['solver']!r}; valid: {', '.join(valid) or 'none'}")

@@ -18,7 +18,7 @@ class Churn:
     at every step, also where gamma = 0, which changes no distribution. On a discrete-time model a raised level
     above its sigma_max is evaluated at its last timestep (as EDM's round_sigma does): keep s_tmax below it."""
 
-    def __init__(self, name, steps, noise, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    def __init__(self, name, steps, noise, s_churn, s_tmin, s_tmax, s_noise):
         if s_churn < 0:
             raise ConfigError(f"{name}: s_churn must be >= 0; got {s_churn!r}")
         self.gamma = min(s_churn / steps, math.sqrt(2) - 1)
@@ -56,10 +56,10 @@ def heun(model, x, sigmas, noise=None, variables="sigma", s_churn=0.0, s_tmin=0.
     Side by side with NVlabs/edm's edm_sampler and ablation_sampler (generate.py; float64, 18 steps on gmm2d,
     the same per-step draws, S_churn 0/10/40/80, S_noise 1 and 1.003, with and without an S_tmin/S_tmax
     window): agree to 1e-15 (and differ by 1e-3 with S_noise 1 against 1.003)."""
-    steps = {"sigma": heun_step, "flow": _heun_flow_step}
-    if variables not in steps:
+    step_in = {"sigma": heun_step, "flow": _heun_flow_step}
+    if variables not in step_in:
         raise ConfigError(f"heun: variables must be 'sigma' or 'flow'; got {variables!r}")
-    step, churn = steps[variables], Churn("heun", len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
+    step, churn = step_in[variables], Churn("heun", len(sigmas) - 1, noise, s_churn, s_tmin, s_tmax, s_noise)
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         x, s = churn(x, s)
         x = step(model, x, s, s_next)
