@@ -34,10 +34,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from scipy.optimize import minimize_scalar
 
-from harness.methods.solver_base import solver
+from harness.methods.solver_base import finite_rows, keep_rows, solver
 from harness.methods.unipc import VARIANTS, _correct, _predict
 from harness.noise import SampleNoise
 
@@ -101,16 +100,16 @@ def fit_compensation_ratios(denoiser, sigmas, calibration_seed, order=3, variant
         # A calibration sample whose reference or whose own run diverged (NaN/Inf) cannot score a ratio: fit
         # on the others (the loss is unchanged when none diverged). Its own run is judged by the plain step.
         target = reference[i + 1]
-        finite = torch.isfinite(target).flatten(1).all(1)
+        finite = finite_rows(target)
         if i >= INTERPOLATION_ORDER:
             plain, _ = _step(denoiser, x, outputs, sigmas, times, i, order, variant, 1.0)
-            finite &= torch.isfinite(plain).flatten(1).all(1)
-        every = bool(finite.all())
+            finite &= finite_rows(plain)
         diverged = max(diverged, int((~finite).sum()))
+        finite_target = keep_rows(target, finite)
 
         def loss(ratio):
             state, _ = _step(denoiser, x, outputs, sigmas, times, i, order, variant, float(ratio))
-            value = float(((state - target) ** 2).mean() if every else ((state[finite] - target[finite]) ** 2).mean())
+            value = float(((keep_rows(state, finite) - finite_target) ** 2).mean())
             # a diverged run loses: Brent returns NaN as soon as it meets one NaN value
             return value if math.isfinite(value) else math.inf
 

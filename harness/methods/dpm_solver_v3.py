@@ -50,7 +50,7 @@ import math
 import numpy as np
 import torch
 
-from harness.methods.solver_base import solver
+from harness.methods.solver_base import finite_rows, keep_rows, solver
 from harness.noise import SampleNoise
 
 INTEGRATION_REFINE = 8  # integration grid points per statistics grid interval
@@ -81,13 +81,11 @@ def empirical_model_statistics(denoiser, sigmas, calibration_seed, num_samples=2
                             - denoiser(x - step * velocity, math.exp(-(lam - step)))) / (2 * step)
         # Expectations over the trajectories that are finite here: one that diverged (NaN/Inf) would make
         # every mean NaN from here on. With none diverged this is the plain mean.
-        finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in (x, denoised, jac_probe, total_derivative)])
-        finite = finite.all(0)
-        every = bool(finite.all())
+        finite = finite_rows(x, denoised, jac_probe, total_derivative)
         diverged |= ~finite
 
         def mean(v):
-            return v.mean(0) if every else v[finite].mean(0)  # no finite row: NaN, replaced below
+            return keep_rows(v, finite).mean(0)  # no finite row: NaN, replaced below
 
         l_k = 1 - mean(probe * jac_probe)
         f = (1 - l_k) * x - denoised

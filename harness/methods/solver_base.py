@@ -117,6 +117,17 @@ def require_process(process, name: str):
     return process
 
 
+def finite_rows(*tensors) -> torch.Tensor:
+    """Which samples (batch rows) are finite (no NaN/Inf) in every one of `tensors`. Preparations score
+    and average over these only: one diverged calibration sample would make every mean or loss NaN."""
+    return torch.stack([torch.isfinite(t).flatten(1).all(1) for t in tensors]).all(0)
+
+
+def keep_rows(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """t's rows where mask holds; t itself when all do (no copy; the same numbers either way)."""
+    return t if bool(mask.all()) else t[mask]
+
+
 def combine(terms):
     """sum(c * t for c, t in terms) for float weights c (two terms or more), into one new tensor.
 
