@@ -41,6 +41,14 @@ from harness.methods.unipc import VARIANTS, _correct, _predict
 from harness.noise import SampleNoise
 
 INTERPOLATION_ORDER = 2  # Lagrange through the last three outputs, as the reference's dc_order
+# the outputs a step reads: UniPC up to order 3 and the interpolation both reach three back
+REACH = max(3, INTERPOLATION_ORDER + 1)
+
+
+def _forget_unreachable(outputs):
+    """Free the batch-sized outputs no later step reads; the list keeps its indices (they pair with times)."""
+    if len(outputs) > REACH:
+        outputs[-REACH - 1] = None
 
 
 def _compensated(outputs, times, i, ratio):
@@ -122,6 +130,7 @@ def fit_compensation_ratios(denoiser, sigmas, calibration_seed, order=3, variant
                 unfitted.append(i)
         ratios.append(ratio)
         x, outputs = _step(denoiser, x, outputs, sigmas, times, i, order, variant, ratio)
+        _forget_unreachable(outputs)
     return {"ratios": ratios, "times": times, "calibration_samples_diverged": diverged, "unfitted_steps": unfitted}
 
 
@@ -137,4 +146,5 @@ def dc_solver(model, x, sigmas, noise=None, prepared=None, order=3, variant="bh1
     outputs = [model(x, sigmas[0])]
     for i, ratio in enumerate(ratios):
         x, outputs = _step(model, x, outputs, sigmas, times, i, order, variant, ratio)
+        _forget_unreachable(outputs)
     return x
