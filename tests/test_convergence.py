@@ -14,7 +14,8 @@ LMS (order 4) measures 3.2 at 20-80 and 3.6 at 40-160 and is not checked here.
 On the logSNR-uniform steps that the DPM-Solver papers use for their own solvers, DPM-Solver-3 (3.3) and the
 published DPM-Solver++(3M) (2.3: its true order 2 shows already) are in their asymptotic range at 20-80 and are
 checked there too. Of EDM rho 3/5/7, logSNR-uniform and time-quadratic steps, DPM-Solver++(3S) is within 0.4
-at 20-80 only on time-quadratic (rho 2 here: 3.0; logSNR-uniform 2.6), and PNDM on none (3.1 to 3.5).
+at 20-80 only on time-quadratic (3.0, checked; logSNR-uniform 2.6), and PNDM on none (3.1 to 3.5, above
+its order 2).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ LATE_WINDOW = (40, 80, 160)
 ASYMPTOTIC_WINDOW = (160, 320, 640)
 EDM_RHO7 = convergence_order.SCHEDULE
 LOGSNR = {"kind": "logsnr_uniform"}
+TIME_QUADRATIC = {"kind": "time_quadratic"}
 CHECKS = [
     *[(name, WINDOW, EDM_RHO7) for name in ("euler", "heun", "dpmpp_2m", "dpm_solver_2", "dpmpp_2s", "deis_2m",
                                             "plms", "ipndm", "dpmpp_3m_taylor", "deis_3m", "unipc")],
@@ -42,6 +44,7 @@ CHECKS = [
     ("dpmpp_3m", ASYMPTOTIC_WINDOW, EDM_RHO7),
     ("dpm_solver_3", WINDOW, LOGSNR),
     ("dpmpp_3m", WINDOW, LOGSNR),
+    ("dpmpp_3s", WINDOW, TIME_QUADRATIC),
 ]
 
 
