@@ -14,7 +14,11 @@ from harness.workflow import plan
 min_version("8.0")
 
 
-configfile: os.path.join(workflow.basedir, "profiles/default/grid.yaml")
+# A grid given with --configfile replaces the default grid (Snakemake would merge the two, so the default's
+# blocks would run too); --config key=value alone changes keys of the default grid.
+if not workflow.overwrite_configfiles:
+
+    configfile: os.path.join(workflow.basedir, "profiles/default/grid.yaml")
 
 
 validate(config, "harness/schemas/grid.schema.yaml")

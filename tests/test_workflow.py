@@ -41,6 +41,8 @@ def test_tiny_grid_end_to_end_and_second_run_has_nothing_to_do(tmp_path):
     run = _run(tmp_path, "--configfile", str(grid))
     assert run.returncode == 0, run.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "reports" / "results.csv").open()))
+    # the grid file replaces the default grid: none of the default's extra blocks run
+    assert {(r["model"], r["method"]) for r in rows} == {("gmm2d", "euler"), ("gmm2d", "heun")}
     by_cell = {(r["method"], r["nfe"], r["metric"]): r for r in rows}
     assert float(by_cell[("euler", "4", "exact_err")]["value"]) > float(by_cell[("euler", "21", "exact_err")]["value"])
     assert by_cell[("heun", "4", "")]["status"] == "unsupported"  # heun needs odd NFE
