@@ -9,6 +9,7 @@ import sys
 from snakemake.utils import min_version, validate
 
 from harness.errors import StepbenchError
+from harness.grid import check_grid
 from harness.workflow import plan
 
 min_version("8.0")
@@ -21,9 +22,11 @@ if not workflow.overwrite_configfiles:
     configfile: os.path.join(workflow.basedir, "profiles/default/grid.yaml")
 
 
-validate(config, "harness/schemas/grid.schema.yaml")
-
 try:
+    # our check first: one line naming the file and key, where Snakemake's validate prints the schema
+    grid_source = ", ".join(map(str, workflow.overwrite_configfiles)) or "profiles/default/grid.yaml"
+    check_grid(config, grid_source + (" with --config" if workflow.config_settings.config_args else ""))
+    validate(config, "harness/schemas/grid.schema.yaml")  # fills the schema's defaults
     PLAN = plan(config)
 except StepbenchError as err:  # bad config: one line, no traceback
     sys.exit(f"stepbench: error: {err}")

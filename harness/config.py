@@ -39,7 +39,10 @@ def load_yaml(path: str | Path) -> object:
 
 def validate(data: object, schema_name: str, path: str | Path) -> None:
     validator = jsonschema.Draft202012Validator(schema(schema_name))
-    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    # the shallowest error first; at one place a misspelt key ('nfee' was unexpected) before what it left
+    # missing ('nfe' is required), since it names what to fix
+    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path)),
+                                                                e.validator != "additionalProperties"))
     if errors:
         err = errors[0]
         key = ".".join(str(p) for p in err.absolute_path) or "(top level)"

@@ -23,9 +23,14 @@ class GridCell:
         return Path(results_dir) / "cells" / self.model / self.method / f"nfe{self.nfe}" / f"seed{seed}"
 
 
+def check_grid(grid: dict, source: str | Path) -> None:
+    """A ConfigError naming `source` and the first wrong key if `grid` breaks grid.schema.yaml."""
+    validate(grid, "grid", source)
+
+
 def load_grid(path: str | Path) -> dict:
     grid = load_yaml(path)
-    validate(grid, "grid", path)
+    check_grid(grid, path)
     return grid
 
 

@@ -62,3 +62,16 @@ def test_grid_with_unknown_model_is_one_clear_line(tmp_path):
     assert run.returncode != 0
     assert "stepbench: error:" in run.stderr and "no model 'nope'; valid: gmm2d, digits-ideal" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"nfe": [6.5]}, "key 'nfe.0': 6.5 is not of type 'integer'"),
+    ({"nfee": [6]}, "key '(top level)': Additional properties are not allowed ('nfee' was unexpected)"),
+])
+def test_grid_breaking_the_schema_is_one_line_naming_file_and_key(tmp_path, overrides, message):
+    grid = _grid(tmp_path, **overrides)
+    run = _run(tmp_path, "--configfile", str(grid), "--dry-run")
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
+    assert run.returncode != 0
+    assert errors == [f"stepbench: error: {grid}: {message}"], run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and "schema[" not in run.stderr
