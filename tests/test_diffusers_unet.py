@@ -124,6 +124,12 @@ def test_uncached_hub_id_is_one_line_and_nothing_is_downloaded(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_missing_local_folder_is_one_line_without_the_hub_hint(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_denoiser(spec(str(tmp_path / "not-there")))
+    assert str(err.value) == f"diffusers_unet: source {tmp_path / 'not-there'}: no such folder"
+
+
 def test_cli_cell_on_a_local_checkpoint(pipeline_folder, repo_files):
     models = {"tiny-ddpm": {**spec(pipeline_folder), "num_samples": 6, "batch_size": 4}}
     (repo_files / "models.yaml").write_text(yaml.safe_dump(models))

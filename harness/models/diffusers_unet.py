@@ -18,6 +18,8 @@ iDDPM) give their first half, the mean's prediction.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -36,6 +38,9 @@ class DiffusersUNet(NetworkDenoiser):
         source = spec.get("source")
         if not source:
             raise ConfigError("adapter diffusers_unet needs `source`: a hub id or a local folder")
+        # a hub id is "org/name"; a path that is plainly local and missing needs no hint about the hub
+        if source.startswith(("/", ".", "~")) and not Path(source).expanduser().is_dir():
+            raise ConfigError(f"diffusers_unet: source {source}: no such folder")
         dtype = _dtype(params.get("dtype", "float32"))
         subfolder, cache_dir = params.get("subfolder"), params.get("cache_dir")
         unet = _load_unet(source, [subfolder] if subfolder else ["unet", None], dtype, cache_dir).to(device).eval()
