@@ -77,7 +77,7 @@ import numpy as np
 import torch
 
 from harness.errors import ConfigError
-from harness.methods.solver_base import SOLVERS, NFERule, solver
+from harness.methods.solver_base import SOLVERS, NFERule, finite_rows, keep_rows, solver
 from harness.methods.teleport import base_solver
 from harness.noise import SampleNoise
 from harness.schedules import sigma_grid
@@ -366,12 +366,12 @@ def _search(denoiser, sigmas, calibration_seed, sample_fn, seeds: list[dict], ca
     reference_rows = model.rows
     # A calibration sample whose reference diverged (NaN/Inf) cannot score a candidate: score on the others
     # (all of them, the same numbers, when none diverged).
-    finite = torch.isfinite(reference).flatten(1).all(1)
-    every = bool(finite.all())
+    finite = finite_rows(reference)
+    finite_reference = keep_rows(reference, finite)
 
     def score(c):
         out = sample_fn(model, x_T, _schedule(sigmas[0], c), c)
-        diff = out - reference if every else out[finite] - reference[finite]
+        diff = keep_rows(out, finite) - finite_reference
         err = (diff.flatten(1) ** 2).sum(1).mean().sqrt()  # no row left: NaN, so +inf
         # A diverged candidate scores +inf and loses. If every one does (or no reference sample is finite),
         # min() in _evolve keeps the first seed, the base solver on the cell's schedule: its cell then
