@@ -68,13 +68,14 @@ SETTINGS = [
 ids = [f"p{p}-c{c}-tau_{tau}" for p, c, tau in SETTINGS]
 
 
-def diffusers_sa_solver(gmm, x_T, steps, predictor_order, corrector_order, tau, lower_order_final, last_sigma,
-                        noise, monkeypatch):
+def diffusers_sa_solver(gmm, x_T, steps, predictor_order, corrector_order, tau, prediction, lower_order_final,
+                        last_sigma, noise, monkeypatch):
     """SASolverScheduler over `steps` linspace timesteps, its last level replaced by `last_sigma`, drawing from
     `noise` where tau > 0 (zeros elsewhere). Returns the float64 levels of its timesteps and its final sample."""
     scheduler = SASolverScheduler(
         **DIFFUSERS_BETAS, predictor_order=predictor_order, corrector_order=corrector_order,
         lower_order_final=lower_order_final, tau_func=None if tau == WINDOW else (lambda t: tau),
+        algorithm_type=f"{prediction}_prediction",
     )
     scheduler.set_timesteps(steps)
     levels = grid(gmm.process, scheduler.timesteps, final_zero=False)
@@ -88,21 +89,23 @@ def diffusers_sa_solver(gmm, x_T, steps, predictor_order, corrector_order, tau, 
     return levels, sample
 
 
-def params(predictor_order, corrector_order, tau, **extra):
-    """stepbench's parameters; tau left at its default for diffusers' default window."""
+def params(predictor_order, corrector_order, tau, prediction, **extra):
+    """stepbench's parameters; tau and prediction left at their defaults for diffusers' default window and data."""
     return {"predictor_order": predictor_order, "corrector_order": corrector_order,
-            **({} if tau == WINDOW else {"tau": tau}), **extra}
+            **({} if tau == WINDOW else {"tau": tau}), **({} if prediction == "data" else {"prediction": prediction}),
+            **extra}
 
 
+@pytest.mark.parametrize("prediction", ["data", "noise"])
 @pytest.mark.parametrize("steps", STEP_COUNTS)
 @pytest.mark.parametrize("predictor_order, corrector_order, tau", SETTINGS, ids=ids)
-def test_matches_diffusers(gmm, x_T, predictor_order, corrector_order, tau, steps, monkeypatch):
+def test_matches_diffusers(gmm, x_T, predictor_order, corrector_order, tau, steps, prediction, monkeypatch):
     """lower_order_final (both defaults): diffusers' grid ends at 1e-15, stepbench's at 0."""
     noise = SharedNoise(x_T.shape)
-    levels, expected = diffusers_sa_solver(gmm, x_T, steps, predictor_order, corrector_order, tau, True, 1e-15,
-                                           noise.fresh(), monkeypatch)
+    levels, expected = diffusers_sa_solver(gmm, x_T, steps, predictor_order, corrector_order, tau, prediction, True,
+                                           1e-15, noise.fresh(), monkeypatch)
     got = solve("sa_solver", gmm, x_T, levels + [0.0], noise=noise.fresh(),
-                **params(predictor_order, corrector_order, tau))
+                **params(predictor_order, corrector_order, tau, prediction))
     assert relative_difference(got, expected) <= RTOL
 
 
@@ -111,13 +114,15 @@ def test_matches_diffusers(gmm, x_T, predictor_order, corrector_order, tau, step
 def test_matches_diffusers_at_full_order_to_sigma_min(gmm, x_T, predictor_order, corrector_order, tau, steps,
                                                       monkeypatch):
     """lower_order_final=False: diffusers down to sigma~(0) at full order, then x = D there; stepbench's grid has
-    that level and then 0 (one step and one evaluation more)."""
+    that level and then 0 (one step and one evaluation more). Data prediction only: noise prediction's step to 0
+    starts from the point corrected at sigma~(0), which diffusers computes only within a further step."""
+    prediction = "data"
     noise = SharedNoise(x_T.shape)
     sigma_min = float(gmm.process.sigma(0))
-    levels, x_min = diffusers_sa_solver(gmm, x_T, steps, predictor_order, corrector_order, tau, False, sigma_min,
-                                        noise.fresh(), monkeypatch)
+    levels, x_min = diffusers_sa_solver(gmm, x_T, steps, predictor_order, corrector_order, tau, prediction, False,
+                                        sigma_min, noise.fresh(), monkeypatch)
     got = solve("sa_solver", gmm, x_T, levels + [sigma_min, 0.0], noise=noise.fresh(),
-                **params(predictor_order, corrector_order, tau, lower_order_final=False))
+                **params(predictor_order, corrector_order, tau, prediction, lower_order_final=False))
     assert relative_difference(got, denoise_unscaled(gmm, x_min, sigma_min)) <= RTOL
 
 
@@ -158,20 +163,22 @@ def test_refuses_to_run_stochastic_without_noise(gmm, x_T):
 
 
 @pytest.mark.parametrize("bad", [{"predictor_order": 5}, {"corrector_order": 0}, {"tau": -1.0}, {"tau": [2.0, 1.0]},
-                                 {"tau": "high"}])
+                                 {"tau": "high"}, {"prediction": "v"}])
 def test_bad_params_are_config_errors(gmm, x_T, bad):
     with pytest.raises(ConfigError, match="sa_solver"):
         solve("sa_solver", gmm, x_T, grid(gmm.process, trailing_timesteps(5)), noise=SharedNoise(x_T.shape), **bad)
 
 
-def test_a_sample_does_not_depend_on_its_batch(gmm):
-    """Per-sample draws: samples 2, 3 of a batch of 6 are the samples of a batch holding only them."""
+@pytest.mark.parametrize("prediction", ["data", "noise"])
+def test_a_sample_does_not_depend_on_its_batch(gmm, prediction):
+    """Per-sample draws: samples 2, 3 of a batch of 6 are the samples of a batch holding only them (with noise
+    prediction and tau = 1 the step to 0 draws too)."""
     sigmas = grid(gmm.process, trailing_timesteps(10))
 
     def run(indices):
         noise = SampleNoise(11, indices)
         x = noise.randn(gmm.info.data_shape, dtype=torch.float64) * gmm.process.prior_std(sigmas[0])
-        return SOLVERS["sa_solver"].fn(lambda x, s: gmm(x, s), x, sigmas, noise=noise, tau=1.0)
+        return SOLVERS["sa_solver"].fn(lambda x, s: gmm(x, s), x, sigmas, noise=noise, tau=1.0, prediction=prediction)
 
     torch.testing.assert_close(run(range(6))[2:4], run([2, 3]), rtol=1e-12, atol=0)
 
@@ -193,12 +200,16 @@ def problem():
     return _convergence_order().make_problem(num_samples=300, models_file=ROOT / "models.yaml")
 
 
-@pytest.mark.parametrize("sampler_params, order", [({"tau": 0.0}, SOLVERS["sa_solver"].order),
-                                                   ({"tau": 0.0, "predictor_order": 3, "corrector_order": 4}, 4)])
+@pytest.mark.parametrize("sampler_params, order", [
+    ({"tau": 0.0}, SOLVERS["sa_solver"].order),
+    ({"tau": 0.0, "predictor_order": 3, "corrector_order": 4}, 4),
+    ({"tau": 0.0, "prediction": "noise"}, 2),
+    ({"tau": 0.0, "prediction": "noise", "predictor_order": 2, "corrector_order": 3}, 3),
+])
 def test_deterministic_order(problem, sampler_params, order):
-    """With tau = 0, PEC with an order-p predictor and an order-c corrector converges with order min(c, p + 1):
-    2 at diffusers' defaults (the registered order), 4 at 3, 4. exact_err on gmm2d (EDM rho 7) at NFE 80-320,
-    where both are in their asymptotic range (at 20-80 the defaults measure 2.8)."""
+    """With tau = 0, PEC with an order-p predictor and an order-c corrector converges with order min(c, p + 1),
+    in data and in noise prediction: 2 at diffusers' defaults (the registered order), 4 at 3, 4. exact_err on
+    gmm2d (EDM rho 7) at NFE 80-320, where they are in their asymptotic range (at 20-80 the defaults measure 2.8)."""
     sampler = make_sampler({"family": "solver", "solver": "sa_solver", "params": sampler_params,
                             "schedule": _convergence_order().SCHEDULE})
     nfes, errors = [80, 160, 320], []
