@@ -12,10 +12,11 @@
 - `usf`: USF / S3 (Liu, Ning, Yang & Wang, "A Unified Sampling Framework for Solver Searching of
   Diffusion Probabilistic Models", ICLR 2024): per-step solver decisions searched together with the
   time steps. `decisions: unified` (default) is the reference code's `uni_sampler` (github.com/thu-nics/USF,
-  codebases/edm) in `unified_solve`: per step a Taylor expansion in lambda = -log sigma of order 1-3 of
+  codebases/edm) in `unified_solve`: per step a Taylor expansion in lambda = -log sigma of order 1-4 of
   the data or the noise prediction (exponential integrator, phi functions), its k-th derivative a
   finite difference from the Taylor expansions at the k nearest earlier points, the first derivative
-  from min(estimate, order - 1) points (estimate 1 or 2: the reference's "derivative estimation order"),
+  from min(estimate, order - 1) points (estimate 1 or 2: the reference's "derivative estimation order",
+  so an order-4 step is third order unless its estimate is 3, which only a direct call can ask for),
   relaxed by the 'dpmsolver-2' factor (on/off) times the reference's 'linear' 1 + c h (c searched,
   mutated by N(0, 0.03)), and a corrector: none, UniC-bh2, or the reference's pseudo corrector (Taylor
   order + 1 from the step's start, the new evaluation added to each derivative's points, unrelaxed).
@@ -30,14 +31,15 @@
   Still different from the reference: no "dpmsolver_v3_prediction" (needs DPM-Solver-v3's EMS
   statistics per step), no analytical first step (AFS: zero or dataset-mean x0 instead of the first
   evaluation, i.e. one extra step for the NFE; our schedules keep steps = NFE), no U-Net skip
-  coefficients (architecture-specific), order at most 3 (reference 1-4), start points always -1
+  coefficients (architecture-specific), start points always -1
   (multistep; the reference's file format allows others but its search never changes them), the
   'dpmsolver-2' and 'linear' relaxations combine multiplicatively (the reference uses one or the other),
   a fixed NFE (the reference's search adds and deletes steps within NFE 3-12), the last level is 0 with
   the final step the denoiser's output (the reference ends at a searched t_end in [0.002, 0.003]).
   The reference's search (codebases/edm/search.py) scores each candidate by FID of 1000 samples, picks
   parents from the best 15, crosses over with probability 0.3 (whole decision keys, per-step with 0.5)
-  and mutates each per-step decision with probability 0.3 (time steps by a factor 1 + N(0, 0.08));
+  and mutates each per-step decision with probability 0.3 (time steps by a factor 1 + N(0, 0.08); a
+  Taylor order redrawn with weights 0.2, 0.4, 0.3, 0.1 for 1-4, as here);
   the paper's trained performance predictor and multi-stage search are not in that code.
 
 Both evaluate a candidate by the RMS distance of its samples to a high-accuracy reference (dpmpp_2m,
@@ -84,7 +86,10 @@ from harness.schedules import sigma_grid
 
 MUTATION_PROB = 0.3
 MUTATION_LOG_SIGMA = 0.3
-MAX_ORDER = 3
+MAX_ORDER = 3  # the unipc space's UniP-p orders
+UNIFIED_MAX_ORDER = 4  # the unified space's Taylor orders, 1-4 as the reference's
+# the reference's search draws a step's Taylor order with these weights (configs/evo_search.yml)
+UNIFIED_ORDER_WEIGHTS = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}
 RELAX_COEF_SD = 0.03  # the reference's mutation of its 'linear' relaxation coefficient
 
 # ---- USF's sampler: per-step order and corrector in a data-prediction exponential integrator ----
@@ -199,7 +204,7 @@ def unified_solve(model, x, sigmas, orders, predictions, estimates, relaxations,
     1 UniC (bh2, as UniPC), 2 the reference's pseudo corrector (Taylor order + 1 from the step's start,
     the new evaluation added to each derivative's points, no relaxation). Both correctors reuse the next
     step's evaluation; the final step to sigma = 0 returns the denoiser's output (first order)."""
-    lams: list[float] = []  # lambda of the last MAX_ORDER evaluated points (as far back as any step reaches)
+    lams: list[float] = []  # lambda of the last UNIFIED_MAX_ORDER evaluated points (as far back as any step reaches)
     data: list = []  # D(x, sigma) there
     noise: list = []  # (x - D) / sigma there, where some step reads the noise prediction (else None)
     keep_noise = any(int(p) == NOISE for p in predictions)
@@ -238,7 +243,7 @@ def unified_solve(model, x, sigmas, orders, predictions, estimates, relaxations,
         else:
             x_next = x_pred
         lams.append(lam_next), data.append(denoised_next), noise.append(noise_next)
-        del lams[:-MAX_ORDER], data[:-MAX_ORDER], noise[:-MAX_ORDER]  # no batch-sized history beyond that
+        del lams[:-UNIFIED_MAX_ORDER], data[:-UNIFIED_MAX_ORDER], noise[:-UNIFIED_MAX_ORDER]  # none kept beyond
         x = x_next
     return x
 
@@ -280,11 +285,12 @@ class _Budgeted:
         return self.denoiser(x, sigma)
 
 
-# Per-step genes of each search space: ("int", lo, hi) redrawn uniformly, ("flip",) 0 <-> 1, ("normal", sd)
-# moved by N(0, sd); each with probability MUTATION_PROB per step.
+# Per-step genes of each search space: ("int", lo, hi) redrawn uniformly, ("choice", {value: weight}) redrawn
+# with those weights, ("flip",) 0 <-> 1, ("normal", sd) moved by N(0, sd); each with probability MUTATION_PROB
+# per step.
 DECISIONS = {
     # USF's decisions that fit a one-evaluation-per-step exponential integrator (unified_solve)
-    "unified": {"orders": ("int", 1, MAX_ORDER), "predictions": ("flip",), "estimates": ("int", 1, 2),
+    "unified": {"orders": ("choice", UNIFIED_ORDER_WEIGHTS), "predictions": ("flip",), "estimates": ("int", 1, 2),
                 "relaxations": ("flip",), "relax_coefs": ("normal", RELAX_COEF_SD),
                 "correctors": ("int", NO_CORRECTOR, TAYLOR_CORRECTOR)},
     # the earlier space: UniP-p predictor (data prediction) and an optional UniC corrector (usf_solve)
@@ -341,6 +347,9 @@ def _mutate(c: dict, rng, lo: float, hi: float, genes: dict | None) -> dict | No
         hit = rng.random(len(old)) < MUTATION_PROB
         if kind == "int":
             child[name] = np.where(hit, rng.integers(args[0], args[1] + 1, len(old)), old)
+        elif kind == "choice":
+            values, weights = zip(*args[0].items())
+            child[name] = np.where(hit, rng.choice(values, len(old), p=weights), old)
         elif kind == "flip":
             child[name] = np.where(hit, 1 - old, old)
         else:  # "normal"
