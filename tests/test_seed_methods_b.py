@@ -248,7 +248,8 @@ def test_usf_fourth_order_steps_converge_at_fourth_order(denoisers, prediction):
     errors, steps = [], [40, 80, 160]
     for n in steps:
         sigmas = [float(v) for v in sigma_grid(denoiser.process, n, {"kind": "edm_rho", "rho": 7.0})]
-        x = SampleNoise(0, range(300)).randn(denoiser.info.data_shape, dtype=torch.float64) * denoiser.process.prior_std(sigmas[0])
+        x = SampleNoise(0, range(300)).randn(denoiser.info.data_shape, dtype=torch.float64)
+        x = x * denoiser.process.prior_std(sigmas[0])
         out = unified_solve(denoiser, x, sigmas, orders=[4] * n, predictions=[prediction] * n, estimates=[3] * n,
                             relaxations=[0] * n, relax_coefs=[0.0] * n, correctors=[0] * n)
         errors.append(rms_distance(out.numpy(), exact))
