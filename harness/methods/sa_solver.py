@@ -191,7 +191,10 @@ def sa_solver(model, x, sigmas, noise=None, predictor_order=2, corrector_order=2
         predict = _weights(lambdas, i, i, p, k, prediction)
         # corrected x = predicted x + sum correction_j D_j, then the predictor: decay * corrected x + sum predict_j D_j,
         # as one weight per tensor, in place on x (the caller's x is copied by the first step's multiply)
-        x = torch.mul(x, decay) if i == 0 else x.mul_(decay)
+        if i == 0:
+            x = torch.mul(x, decay)
+        elif decay != 1.0:  # noise prediction has no decay
+            x.mul_(decay)
         for j, d in enumerate(history):
             w = decay * (correction[j] if j < len(correction) else 0.0) + (predict[j] if j < p else 0.0)
             if w:
