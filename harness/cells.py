@@ -82,6 +82,8 @@ def run_cell(
     result = generate(denoiser, sampler, nfe, seed, num_samples, batch_size)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # metrics of samples this run replaces would otherwise be reported as this cell's
+    (out_dir / "metrics.json").unlink(missing_ok=True)
     arrays = {"samples": result.samples}
     if keep_noise:
         arrays["noise"] = result.noise

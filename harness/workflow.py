@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import prepared, references
-from harness.config import load_methods, load_models
+from harness.config import config_hash, load_methods, load_models
 from harness.grid import GridCell, expand_grid, grid_seeds
 from harness.methods import make_sampler
 
@@ -34,6 +34,8 @@ class Plan:
     refstats: dict[Path, tuple[str, list[Path]]] = field(default_factory=dict)
     eval_inputs: dict[tuple[str, int], list[Path]] = field(default_factory=dict)  # (model, seed) -> cached files
     prepared: dict[tuple[str, str, int], Path] = field(default_factory=dict)  # cell -> its method's side data
+    model_specs: dict[str, dict] = field(default_factory=dict)  # the grid's models, as models.yaml has them
+    method_specs: dict[str, dict] = field(default_factory=dict)  # the grid's methods, as methods.yaml has them
 
     def prepared_for(self, model: str, method: str, nfe) -> list[Path]:
         path = self.prepared.get((model, method, int(nfe)))
@@ -58,6 +60,16 @@ class Plan:
     def cell_dir(self, model: str, method: str, nfe, seed) -> Path:
         return GridCell(model, method, int(nfe), True).path(self.results_dir, int(seed))
 
+    def cell_hash(self, model: str, method: str, nfe, seed) -> str:
+        """cell.json's config_hash: a rule param, so that editing the model's or the method's entry reruns
+        the cell (Snakemake reruns a job whose params changed)."""
+        return config_hash(self.model_specs[model], self.method_specs[method], int(nfe), int(seed),
+                           self.num_samples[model])
+
+    def model_hash(self, model: str) -> str:
+        """The model entry's hash: a param of the jobs its metrics settings (references, metrics) feed."""
+        return config_hash(self.model_specs[model])
+
     def cell_dirs(self) -> list[Path]:
         return [self.cell_dir(c.model, c.method, c.nfe, seed) for c in self.cells for seed in self.seeds]
 
@@ -78,6 +90,8 @@ def plan(config: dict) -> Plan:
         seeds=seeds,
         cells=cells,
         num_samples={m: config.get("num_samples") or models[m].get("num_samples", 1000) for m in model_ids},
+        model_specs={m: models[m] for m in model_ids},
+        method_specs={m: methods[m] for m in dict.fromkeys(c.method for c in cells)},
     )
     for cell in cells:
         sampler = make_sampler(methods[cell.method])

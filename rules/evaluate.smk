@@ -10,6 +10,7 @@ rule evaluate:
         f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/seed{{seed}}/metrics.json",
     params:
         out=lambda wc: PLAN.cell_dir(wc.model, wc.method, wc.nfe, wc.seed),
+        model_hash=lambda wc: PLAN.model_hash(wc.model),  # edited metric settings rerun the metrics
         common=COMMON,
     wildcard_constraints:
         nfe=r"\d+",

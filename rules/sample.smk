@@ -10,6 +10,7 @@ rule sample:
     params:
         out=lambda wc: PLAN.cell_dir(wc.model, wc.method, wc.nfe, wc.seed),
         num_samples=lambda wc: PLAN.num_samples[wc.model],
+        config_hash=lambda wc: PLAN.cell_hash(wc.model, wc.method, wc.nfe, wc.seed),  # an edited entry reruns
         common=COMMON,
     wildcard_constraints:
         nfe=r"\d+",

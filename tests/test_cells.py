@@ -122,6 +122,11 @@ def test_cli_sample_and_evaluate_round_trip(repo_files):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 < metrics["exact_err"] < 1.0
     assert metrics["provenance"]["exact_err"]["solver"] == "scipy DOP853"
+    # sampling into the cell again makes the old metrics stale: they go with the old samples
+    run = _cli("sample", "--model", "gmm2d", "--method", "euler", "--nfe", "4", "--out", str(out),
+               "--num-samples", "20", cwd=repo_files)
+    assert run.returncode == 0, run.stderr
+    assert not (out / "metrics.json").exists()
 
 
 @pytest.mark.parametrize(

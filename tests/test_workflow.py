@@ -75,3 +75,19 @@ def test_grid_breaking_the_schema_is_one_line_naming_file_and_key(tmp_path, over
     assert run.returncode != 0
     assert errors == [f"stepbench: error: {grid}: {message}"], run.stderr[-2000:]
     assert "Traceback" not in run.stderr and "schema[" not in run.stderr
+
+
+def test_editing_a_method_entry_reruns_its_cells(tmp_path):
+    """Snakemake reruns a job whose params changed: the cell's config_hash is one, so an edited methods.yaml
+    entry is not reported with samples made under the old one."""
+    methods = yaml.safe_load((REPO / "methods.yaml").read_text())
+    methods_file = tmp_path / "methods.yaml"
+    methods_file.write_text(yaml.safe_dump(methods))
+    grid = _grid(tmp_path, methods=["ddim_eta05"], nfe=[4], seeds=[0], num_samples=20, methods_file=str(methods_file))
+    assert _run(tmp_path, "--configfile", str(grid)).returncode == 0
+    again = _run(tmp_path, "--configfile", str(grid), "--dry-run")
+    assert "Nothing to be done" in again.stdout + again.stderr
+    methods["ddim_eta05"]["params"]["eta"] = 0.9
+    methods_file.write_text(yaml.safe_dump(methods))
+    edited = _run(tmp_path, "--configfile", str(grid), "--dry-run")
+    assert edited.returncode == 0 and "rule sample:" in edited.stdout, edited.stdout[-2000:]
