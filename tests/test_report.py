@@ -256,7 +256,7 @@ def test_seeds_of_a_cell_become_mean_and_t_interval(workspace):
         cell_dir = write_cell(results, "gmm2d", "euler", 9, {"exact_err": value}, where=f"cells/gmm2d/euler/nfe9/seed{seed}")
         cell = json.loads((cell_dir / "cell.json").read_text())
         (cell_dir / "cell.json").write_text(json.dumps({**cell, "seed": seed}))
-    render(workspace)
+    render(workspace, grid=False)  # NFE 9 and seeds 1, 2 are not the workspace grid's
     rows = pd.read_csv(workspace["out"] / "results.csv")
     row = rows[(rows["method"] == "euler") & (rows["nfe"] == 9) & (rows["metric"] == "exact_err")].iloc[0]
     # mean 0.3, sd 0.1414, t(0.975, 1) = 12.706: half-width 12.706 * 0.1414 / sqrt(2) = 1.2706
@@ -264,3 +264,19 @@ def test_seeds_of_a_cell_become_mean_and_t_interval(workspace):
     assert (row["ci_low"], row["ci_high"]) == (pytest.approx(0.3 - 1.2706, abs=1e-3), pytest.approx(0.3 + 1.2706, abs=1e-3))
     per_seed = pd.read_csv(workspace["out"] / "results_per_seed.csv")
     assert sorted(per_seed[(per_seed["nfe"] == 9) & (per_seed["metric"] == "exact_err")]["value"]) == [0.2, 0.4]
+
+
+def test_report_with_a_grid_leaves_out_cells_of_other_grids(workspace):
+    """A results directory keeps the cells of earlier grids (another NFE, another seed): a report for a grid
+    shows its own cells and seeds only."""
+    write_cell(workspace["results"], "gmm2d", "euler", 9, {"exact_err": 0.05}, where="cells/gmm2d/euler/nfe9/seed0")
+    other_seed = write_cell(workspace["results"], "gmm2d", "euler", 4, {"exact_err": 9.0},
+                            where="cells/gmm2d/euler/nfe4/seed7")
+    cell = json.loads((other_seed / "cell.json").read_text())
+    (other_seed / "cell.json").write_text(json.dumps({**cell, "seed": 7}))
+    render(workspace)
+    rows = pd.read_csv(workspace["out"] / "results.csv")
+    assert 9 not in set(rows["nfe"])
+    euler4 = rows[(rows["method"] == "euler") & (rows["nfe"] == 4) & (rows["metric"] == "exact_err")]
+    assert list(euler4["value"]) == [0.5] and list(euler4["n_seeds"]) == [1]
+    assert 9 in set(pd.read_csv(render(workspace, grid=False) / "results.csv")["nfe"])  # without a grid: all

@@ -55,6 +55,8 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
     pythons: set[str] = set()
     metric_provenance: dict[tuple[str, str], set[str]] = {}
 
+    # With a grid, only its cells and seeds: a results directory keeps cells of earlier grids too
+    requested = {(c.model, c.method, c.nfe) for c in grid_cells} if grid_cells is not None else None
     # The path is only where a cell happens to live; cell.json says what it is.
     for cell_json in sorted(results_dir.rglob("cell.json")):
         cell = _read_json(cell_json)
@@ -62,6 +64,8 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
         if missing:
             raise StepbenchError(f"{cell_json}: key '{missing[0]}' missing (needs {', '.join(REQUIRED_CELL_KEYS)})")
         key = (cell["model"], cell["method"], int(cell["nfe"]), cell.get("seed"))
+        if requested is not None and (key[:3] not in requested or (seeds is not None and key[3] not in seeds)):
+            continue
         if key in found:
             raise StepbenchError(f"{cell_json}: {key[0]} / {key[1]} / NFE {key[2]} / seed {key[3]} also at "
                                  f"{found[key]}; keep one cell per (model, method, NFE, seed)")
