@@ -159,3 +159,19 @@ def test_bad_schedules_are_config_errors(spec, message):
 def test_make_process_rejects_unknown_kind():
     with pytest.raises(ConfigError, match="process kind 'warp' unknown"):
         make_process({"kind": "warp"})
+
+
+def test_explicit_list_meets_only_its_own_budget_and_says_so_as_unsupported():
+    """A fixed list of levels is one budget: another NFE is an n/a cell with the reason, not a failing job."""
+    from harness.errors import UnsupportedNFE
+    from harness.methods import make_sampler
+
+    sampler = make_sampler({"family": "solver", "solver": "heun",
+                            "schedule": {"kind": "explicit", "sigmas": [80.0, 10.0, 1.0, 0.1]}})
+    sampler.check_nfe(7)  # heun: 2 * 4 - 1
+    with pytest.raises(UnsupportedNFE, match="only NFE=7") as err:
+        sampler.check_nfe(9)
+    assert err.value.reason == "explicit schedule: NFE 7 only"
+    resampled = make_sampler({"family": "solver", "solver": "heun",
+                              "schedule": {"kind": "explicit", "sigmas": [80.0, 10.0, 1.0, 0.1], "interpolate": True}})
+    resampled.check_nfe(9)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, UnsupportedNFE
 # Importing a solver module registers its solvers.
 from harness.methods import solvers  # noqa: F401  (euler, heun, dpmpp_2m)
 from harness.methods import ancestral, deis, deis_tab, dpm_solver, lms, pndm, unipc  # noqa: F401  (the solver zoo)
@@ -85,7 +85,14 @@ class SolverSampler(Sampler):
         }
 
     def check_nfe(self, nfe: int) -> None:
-        self.nfe_rule.steps(nfe, self.name)
+        steps = self.nfe_rule.steps(nfe, self.name)
+        # an explicit list without resampling has a fixed number of levels, so it meets one budget only
+        levels = self.schedule.get("sigmas", self.schedule.get("timesteps"))
+        if self.schedule.get("kind") == "explicit" and not self.schedule.get("interpolate") \
+                and isinstance(levels, list) and len(levels) != steps:
+            only = self.nfe_rule.nfe(len(levels))
+            raise UnsupportedNFE(f"{self.name}: its explicit schedule has {len(levels)} levels, so only NFE={only} "
+                                 f"(or set interpolate: true)", reason=f"explicit schedule: NFE {only} only")
 
     def sigmas(self, process, nfe: int):
         return [float(s) for s in sigma_grid(process, self.nfe_rule.steps(nfe, self.name), self.schedule)]
