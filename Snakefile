@@ -6,6 +6,8 @@
 import os
 import sys
 
+import yaml
+
 from snakemake.utils import min_version, validate
 
 from harness.errors import StepbenchError
@@ -21,6 +23,16 @@ if not workflow.overwrite_configfiles:
 
     configfile: os.path.join(workflow.basedir, "profiles/default/grid.yaml")
 
+
+# Snakemake reads --config nfe=[6,8] as the strings '6', '8' (scalars it types): read each value as YAML, as
+# a grid file's would be
+for _arg in workflow.config_settings.config_args or []:
+    _key, _, _value = _arg.partition("=")
+    if _key in config and "." not in _key:
+        try:
+            config[_key] = yaml.safe_load(_value)
+        except yaml.YAMLError:
+            pass  # keep Snakemake's reading; the schema check below names the key
 
 try:
     # our check first: one line naming the file and key, where Snakemake's validate prints the schema

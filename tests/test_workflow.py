@@ -91,3 +91,12 @@ def test_editing_a_method_entry_reruns_its_cells(tmp_path):
     methods_file.write_text(yaml.safe_dump(methods))
     edited = _run(tmp_path, "--configfile", str(grid), "--dry-run")
     assert edited.returncode == 0 and "rule sample:" in edited.stdout, edited.stdout[-2000:]
+
+
+def test_config_lists_of_numbers_are_numbers(tmp_path):
+    """--config nfe=[4,5] changes one key of the grid: Snakemake reads the items as strings, the Snakefile
+    reads the value as YAML, as a grid file's would be."""
+    grid = _grid(tmp_path, methods=["euler"], seeds=[0])
+    run = _run(tmp_path, "--configfile", str(grid), "--config", "nfe=[4,5]", "--dry-run")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "nfe4" in run.stdout and "nfe5" in run.stdout and "nfe21" not in run.stdout
