@@ -217,6 +217,8 @@ def logsnr_uniform(process: NoiseProcess, n: int) -> np.ndarray:
 
 
 def edm_rho(process: NoiseProcess, n: int, rho: float = 7.0) -> np.ndarray:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho <= 0:
+        raise ConfigError(f"edm_rho: rho must be a positive number; got {rho!r}")
     return karras_levels(process.sigma_max, process.sigma_min, n, rho)
 
 

@@ -224,3 +224,18 @@ def test_preparation_code_hash_covers_what_a_preparation_runs(tmp_path, monkeypa
     with open(copy / edited, "a") as f:
         f.write("# edited\n")
     assert (hashed("harness.methods.dc_solver") != before) == counts
+
+
+@pytest.mark.parametrize("params, schedule, expected", [
+    ("{variant: bh3}", "{kind: edm_rho}", "stepbench: error: unipc: variant must be one of"),
+    ("{eta: fast}", "{kind: edm_rho}", "stepbench: error: euler_ancestral: eta must be in [0, inf]; got 'fast'"),
+    ("{}", "{kind: edm_rho, rho: 0}", "stepbench: error: edm_rho: rho must be a positive number; got 0"),
+])
+def test_cli_wrong_param_value_is_one_line(repo_files, params, schedule, expected):
+    solver = "unipc" if "variant" in params else "euler_ancestral"
+    with open(repo_files / "methods.yaml", "a") as f:
+        f.write(f"bad:\n  family: solver\n  solver: {solver}\n  schedule: {schedule}\n  params: {params}\n")
+    run = _cli("sample", "--model", "gmm2d", "--method", "bad", "--nfe", "4", "--out", str(repo_files / "x"),
+               cwd=repo_files)
+    assert run.returncode != 0 and run.stderr.strip().startswith(expected), run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1

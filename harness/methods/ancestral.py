@@ -45,9 +45,15 @@ def ancestral_split(s, s_next, eta):
     return math.sqrt(s_next**2 - sigma_up**2), sigma_up
 
 
+def _check_eta(eta, name: str, at_most: float = math.inf) -> None:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= at_most:
+        raise ConfigError(f"{name}: eta must be in [0, {at_most:g}]; got {eta!r}")
+
+
 @solver("euler_ancestral", order=1)
 def euler_ancestral(model, x, sigmas, noise=None, eta=1.0):
     """Euler ancestral / DDIM(eta) / DDPM ancestral with the posterior variance (eta = 1)."""
+    _check_eta(eta, "euler_ancestral")
 
     def scales(s, s_next):
         sigma_down, sigma_up = ancestral_split(s, s_next, eta)
@@ -59,8 +65,7 @@ def euler_ancestral(model, x, sigmas, noise=None, eta=1.0):
 def _ancestral_second_order(step, model, x, sigmas, noise, eta, name):
     """k-diffusion's second-order ancestral samplers: `step` (a two-evaluation step) down to sigma_down, then
     noise of std sigma_up; the step to 0 is x = D, without noise: NFE = 2 steps - 1."""
-    if not 0 <= eta <= 1:  # beyond 1, sigma_down could reach 0 before the last step and change the NFE
-        raise ConfigError(f"{name}: eta must be in [0, 1]; got {eta!r}")
+    _check_eta(eta, name, 1)  # beyond 1, sigma_down could reach 0 before the last step and change the NFE
     require_noise(noise, name)
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         sigma_down, sigma_up = ancestral_split(s, s_next, eta)

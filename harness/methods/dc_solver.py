@@ -36,6 +36,7 @@ import math
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from harness.errors import ConfigError
 from harness.methods.solver_base import finite_rows, keep_rows, solver
 from harness.methods.unipc import VARIANTS, _correct, _predict
 from harness.noise import SampleNoise
@@ -139,7 +140,7 @@ def dc_solver(model, x, sigmas, noise=None, prepared=None, order=3, variant="bh1
     """UniPC-`order` with the fitted dynamic compensation ratios; `calibration` holds the preparation's
     settings (calibration_samples, reference_substeps), unused here."""
     if variant not in VARIANTS or order not in (1, 2, 3):
-        raise ValueError(f"dc_solver: variant must be one of {VARIANTS} and order 1..3; got {variant!r}, {order}")
+        raise ConfigError(f"dc_solver: variant must be one of {VARIANTS} and order 1..3; got {variant!r}, {order}")
     ratios, times = prepared["ratios"], prepared["times"]
     if len(ratios) != len(sigmas) - 1:
         raise ValueError(f"dc_solver: {len(ratios)} fitted ratios for {len(sigmas) - 1} steps (prepared for another NFE)")

@@ -50,6 +50,7 @@ import math
 import numpy as np
 import torch
 
+from harness.errors import ConfigError
 from harness.methods.solver_base import finite_rows, keep_rows, solver
 from harness.noise import SampleNoise
 
@@ -205,7 +206,7 @@ def dpm_solver_v3(model, x, sigmas, noise=None, prepared=None, order=3, predicto
     """DPM-Solver-v3 multistep predictor(-corrector) of `order` (1..3); `calibration` holds the
     preparation's settings (num_samples, grid_points), unused here."""
     if order not in (1, 2, 3):
-        raise ValueError(f"dpm_solver_v3: order must be 1, 2 or 3; got {order}")
+        raise ConfigError(f"dpm_solver_v3: order must be 1, 2 or 3; got {order}")
     tab = _Tables(prepared, x.dtype, x.device)
     indices_planned = [tab.snap(s) for s in sigmas[:-1]]
     steps = len(indices_planned) - 1  # predictor steps; the last evaluation feeds the step to sigma~ = 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+from harness.errors import ConfigError
 from harness.methods.solver_base import solver
 
 
@@ -52,7 +53,7 @@ def _adams_bashforth(history: list, beta: float = 1.0):
 
 def _check(order: int, beta: float, name: str) -> None:
     if order not in (1, 2, 3, 4) or not 0 < beta <= 1:
-        raise ValueError(f"{name}: order must be 1..4 and beta in (0, 1]; got order={order}, beta={beta}")
+        raise ConfigError(f"{name}: order must be 1..4 and beta in (0, 1]; got order={order}, beta={beta}")
 
 
 @solver("plms_hb", order=1)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from harness.errors import ConfigError
 from harness.methods.solver_base import require_process, solver
 from harness.schedules import VPDiscrete
 
@@ -72,7 +73,7 @@ def ts_dpm(model, x, sigmas, noise=None, process=None, order=2, window=10, cutof
     """TS-DPM (order=2: multistep DPM-Solver-2, noise prediction) or TS-DDIM (order=1). Registered
     order 1: shifting the time steps by the sample's variance makes no promise of the base order."""
     if order not in (1, 2):
-        raise ValueError(f"ts_dpm: order must be 1 (TS-DDIM) or 2 (TS-DPM); got {order}")
+        raise ConfigError(f"ts_dpm: order must be 1 (TS-DDIM) or 2 (TS-DPM); got {order}")
     grid_sigmas, grid_alphas = training_grid(require_process(process, "ts_dpm"))
     shape = (-1, *[1] * (x.ndim - 1))
     level = torch.full((x.shape[0],), sigmas[0], dtype=torch.float64)

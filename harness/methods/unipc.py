@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from harness.errors import ConfigError
 from harness.methods.solver_base import combine, solver
 
 VARIANTS = ("bh1", "bh2")
@@ -82,7 +83,7 @@ def unipc(model, x, sigmas, noise=None, order=2, variant="bh2", corrector=True):
     """UniPC-`order` (1..3) with B(h) variant bh1 | bh2; the registered order 3 is the default's
     (UniP-2 with UniC). corrector=False gives the bare predictor UniP-`order`."""
     if variant not in VARIANTS or order not in (1, 2, 3):
-        raise ValueError(f"unipc: variant must be one of {VARIANTS} and order 1..3; got {variant!r}, {order}")
+        raise ConfigError(f"unipc: variant must be one of {VARIANTS} and order 1..3; got {variant!r}, {order}")
     steps = len(sigmas) - 1
     lambdas = [-math.log(s) for s in sigmas[:-1]]
     outputs, x_last, last_order = [], None, None
