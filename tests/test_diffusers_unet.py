@@ -124,10 +124,14 @@ def test_uncached_hub_id_is_one_line_and_nothing_is_downloaded(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_missing_local_folder_is_one_line_without_the_hub_hint(tmp_path):
+def test_missing_local_folder_is_one_line_without_the_hub_hint(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         load_denoiser(spec(str(tmp_path / "not-there")))
     assert str(err.value) == f"diffusers_unet: source {tmp_path / 'not-there'}: no such folder"
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.chdir(tmp_path)  # a relative path into a folder that exists here
+    with pytest.raises(ConfigError, match="^diffusers_unet: source checkpoints/my-ddpm: no such folder$"):
+        load_denoiser(spec("checkpoints/my-ddpm"))
 
 
 def test_cli_cell_on_a_local_checkpoint(pipeline_folder, repo_files):

@@ -38,8 +38,10 @@ class DiffusersUNet(NetworkDenoiser):
         source = spec.get("source")
         if not source:
             raise ConfigError("adapter diffusers_unet needs `source`: a hub id or a local folder")
-        # a hub id is "org/name"; a path that is plainly local and missing needs no hint about the hub
-        if source.startswith(("/", ".", "~")) and not Path(source).expanduser().is_dir():
+        # a hub id is "org/name"; a missing path that is plainly local (absolute, ./, ~, or inside a folder
+        # that exists here) needs no hint about the hub
+        local = source.startswith(("/", ".", "~")) or Path(source).parent.is_dir() and Path(source).parent != Path(".")
+        if local and not Path(source).expanduser().is_dir():
             raise ConfigError(f"diffusers_unet: source {source}: no such folder")
         dtype = _dtype(params.get("dtype", "float32"))
         subfolder, cache_dir = params.get("subfolder"), params.get("cache_dir")
