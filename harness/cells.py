@@ -56,6 +56,12 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
                      np.concatenate(latents) if info.latent else None)
 
 
+def cell_config_hash(model_spec: dict, method_spec: dict, nfe: int, seed: int, num_samples: int) -> str:
+    """What a cell's samples depend on, hashed: cell.json's config_hash, and a param of the cell's Snakemake
+    job (harness.workflow), so that an edited entry reruns it."""
+    return config_hash(model_spec, method_spec, nfe, seed, num_samples)
+
+
 def run_cell(
     model_id: str,
     model_spec: dict,
@@ -106,7 +112,7 @@ def run_cell(
         "status": result.status,
         "prepared": prepared_record,  # side data made in its own job, and what it cost
         "provenance": {
-            "config_hash": config_hash(model_spec, method_spec, nfe, seed, num_samples),
+            "config_hash": cell_config_hash(model_spec, method_spec, nfe, seed, num_samples),
             "model_spec": model_spec,
             "method_spec": method_spec,
             "process": denoiser.process.describe(),

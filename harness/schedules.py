@@ -260,6 +260,14 @@ def explicit(process: NoiseProcess, n: int, sigmas=None, timesteps=None, interpo
     return values
 
 
+def fixed_steps(spec: dict) -> int | None:
+    """The one step count a schedule allows, for an explicit list without resampling; None for any count."""
+    levels = spec.get("sigmas", spec.get("timesteps"))
+    if spec.get("kind") == "explicit" and not spec.get("interpolate") and isinstance(levels, list):
+        return len(levels)
+    return None
+
+
 # Align Your Steps (Sabour, Fidler & Kreis, ICML 2024): the published optimised 10-step noise levels,
 # sigma~ of each model's own process, 11 values from its sigma_max to its sigma_min
 # (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html).

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import prepared, references
+from harness.cells import cell_config_hash
 from harness.config import config_hash, load_methods, load_models
 from harness.grid import GridCell, expand_grid, grid_seeds
 from harness.methods import make_sampler
@@ -63,8 +64,8 @@ class Plan:
     def cell_hash(self, model: str, method: str, nfe, seed) -> str:
         """cell.json's config_hash: a rule param, so that editing the model's or the method's entry reruns
         the cell (Snakemake reruns a job whose params changed)."""
-        return config_hash(self.model_specs[model], self.method_specs[method], int(nfe), int(seed),
-                           self.num_samples[model])
+        return cell_config_hash(self.model_specs[model], self.method_specs[method], int(nfe), int(seed),
+                                self.num_samples[model])
 
     def model_hash(self, model: str) -> str:
         """The model entry's hash: a param of the jobs its metrics settings (references, metrics) feed."""

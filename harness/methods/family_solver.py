@@ -20,7 +20,7 @@ from harness.methods import schedule_search, teleport, time_shift  # noqa: F401 
 from harness.methods import restart  # noqa: F401  (Restart sampling)
 from harness.methods.base import Sampler
 from harness.methods.solver_base import SOLVERS
-from harness.schedules import sigma_grid
+from harness.schedules import fixed_steps, sigma_grid
 
 
 def import_solver_module(module: str) -> None:
@@ -86,12 +86,10 @@ class SolverSampler(Sampler):
 
     def check_nfe(self, nfe: int) -> None:
         steps = self.nfe_rule.steps(nfe, self.name)
-        # an explicit list without resampling has a fixed number of levels, so it meets one budget only
-        levels = self.schedule.get("sigmas", self.schedule.get("timesteps"))
-        if self.schedule.get("kind") == "explicit" and not self.schedule.get("interpolate") \
-                and isinstance(levels, list) and len(levels) != steps:
-            only = self.nfe_rule.nfe(len(levels))
-            raise UnsupportedNFE(f"{self.name}: its explicit schedule has {len(levels)} levels, so only NFE={only} "
+        fixed = fixed_steps(self.schedule)  # a list of levels meets one budget only
+        if fixed is not None and fixed != steps:
+            only = self.nfe_rule.nfe(fixed)
+            raise UnsupportedNFE(f"{self.name}: its explicit schedule has {fixed} levels, so only NFE={only} "
                                  f"(or set interpolate: true)", reason=f"explicit schedule: NFE {only} only")
 
     def sigmas(self, process, nfe: int):

@@ -40,7 +40,8 @@ class DiffusersUNet(NetworkDenoiser):
             raise ConfigError("adapter diffusers_unet needs `source`: a hub id or a local folder")
         # a hub id is "org/name"; a missing path that is plainly local (absolute, ./, ~, or inside a folder
         # that exists here) needs no hint about the hub
-        local = source.startswith(("/", ".", "~")) or Path(source).parent.is_dir() and Path(source).parent != Path(".")
+        parent = Path(source).parent
+        local = source.startswith(("/", ".", "~")) or (parent != Path(".") and parent.is_dir())
         if local and not Path(source).expanduser().is_dir():
             raise ConfigError(f"diffusers_unet: source {source}: no such folder")
         dtype = _dtype(params.get("dtype", "float32"))
