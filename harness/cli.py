@@ -167,9 +167,15 @@ def methods(nfe, methods_file):
     from harness.methods import make_sampler
 
     rows = []
-    for method_id, spec in load_methods(methods_file).items():
-        sampler = make_sampler(spec)
+    table = load_methods(methods_file)
+    for method_id, spec in table.items():
         row = {"method": method_id}
+        if method_id in table.unusable:  # a plugin module that does not import: listed, with the reason
+            if nfe is not None:
+                row[f"NFE {nfe}"] = "n/a (its module does not import)"
+            rows.append({**row, "family": spec["family"], "unusable": table.unusable[method_id]})
+            continue
+        sampler = make_sampler(spec)
         if nfe is not None:
             try:
                 sampler.check_nfe(nfe)

@@ -13,7 +13,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, valid_names
 from harness.schedules import schedule_function
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
@@ -51,7 +51,7 @@ def validate(data: object, schema_name: str, path: str | Path) -> None:
 
 def _check_choice(path, key: str, value: str, valid: list[str]) -> None:
     if value not in valid:
-        raise ConfigError(f"{path}: key '{key}': {value!r} unknown; valid: {', '.join(valid)}")
+        raise ConfigError(f"{path}: key '{key}': {value!r} unknown{valid_names(value, valid)}")
 
 
 def load_models(path: str | Path = "models.yaml") -> dict[str, dict]:
@@ -67,11 +67,23 @@ def load_models(path: str | Path = "models.yaml") -> dict[str, dict]:
     return data
 
 
-def load_methods(path: str | Path = "methods.yaml") -> dict[str, dict]:
+class MethodTable(dict):
+    """methods.yaml's entries by id, and the one-line reason for each entry that cannot be used here (a
+    `module:` of solvers that does not import): only a grid or command that asks for such an entry fails,
+    so a colleague's plugin in a shared methods.yaml does not stop everyone else."""
+
+    def __init__(self, entries: dict, unusable: dict[str, str], path: str | Path):
+        super().__init__(entries)
+        self.unusable = unusable
+        self.path = path
+
+
+def load_methods(path: str | Path = "methods.yaml") -> MethodTable:
     from harness.methods import FAMILIES
 
     data = load_yaml(path)
     validate(data, "methods", path)
+    unusable = {}
     for method_id, spec in data.items():
         _check_choice(path, f"{method_id}.family", spec["family"], FAMILIES.names())
         if "baseline" in spec:
@@ -85,24 +97,27 @@ def load_methods(path: str | Path = "methods.yaml") -> dict[str, dict]:
                 try:
                     import_solver_module(spec["module"])
                 except ConfigError as err:
-                    raise ConfigError(f"{path}: key '{method_id}.module': {err}") from None
+                    unusable[method_id] = f"{path}: key '{method_id}.module': {err}"
+                    continue  # its solver name and params cannot be checked without the module
             _check_choice(path, f"{method_id}.solver", spec["solver"], sorted(SOLVERS))
             valid = SOLVERS[spec["solver"]].param_names()
             unknown = sorted(set(spec.get("params", {})) - set(valid)) if valid is not None else []
             if unknown:
                 raise ConfigError(f"{path}: key '{method_id}.params.{unknown[0]}': unknown for solver "
-                                  f"{spec['solver']!r}; valid: {', '.join(valid) or 'none'}")
+                                  f"{spec['solver']!r}{valid_names(unknown[0], valid)}")
         if "schedule" in spec:
             try:
                 schedule_function(spec["schedule"])
             except ConfigError as err:
                 raise ConfigError(f"{path}: key '{method_id}.schedule': {err}") from None
-    return data
+    return MethodTable(data, unusable, path)
 
 
 def lookup(table: dict[str, dict], item_id: str, path: str | Path, what: str) -> dict:
     if item_id not in table:
-        raise ConfigError(f"{path}: no {what} {item_id!r}; valid: {', '.join(table)}")
+        raise ConfigError(f"{path}: no {what} {item_id!r}{valid_names(item_id, table)}")
+    if item_id in getattr(table, "unusable", {}):
+        raise ConfigError(table.unusable[item_id])
     return table[item_id]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, valid_names
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -21,5 +21,5 @@ DATASETS = {"digits": digits}
 
 def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
     if name not in DATASETS:
-        raise ConfigError(f"dataset {name!r} unknown; valid: {', '.join(DATASETS)}")
+        raise ConfigError(f"dataset {name!r} unknown{valid_names(name, DATASETS)}")
     return DATASETS[name]()

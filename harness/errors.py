@@ -17,3 +17,27 @@ class UnsupportedNFE(StepbenchError):
     def __init__(self, message: str, reason: str | None = None):
         super().__init__(message)
         self.reason = reason or message
+
+
+
+
+def valid_names(value: object, valid) -> str:
+    """The tail of a message about a name not among `valid`: '; valid: a, b, ...', led by
+    ' (did you mean 'x'?)' when one valid name is a typo away from it."""
+    names = [str(v) for v in valid]
+    word = str(value)
+    allowed = max(1, len(word) // 4)  # 'dpmpp2m' -> 'dpmpp_2m', 'roh' -> 'rho'; not 'sd3' -> 'svd'
+    close = sorted((d, name) for name in names if (d := _typo_distance(word, name)) <= allowed)
+    hint = f" (did you mean {close[0][1]!r}?)" if close else ""
+    return f"{hint}; valid: {', '.join(names) or 'none'}"
+
+
+def _typo_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) that turn a into b."""
+    d = [[i + j if not i * j else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]

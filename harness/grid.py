@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config import load_methods, load_models, load_yaml, lookup, validate
-from harness.errors import UnsupportedNFE
+from harness.errors import ConfigError, UnsupportedNFE
 
 DEFAULT_GRID_FILE = Path("profiles/default/grid.yaml")
 
@@ -49,11 +49,13 @@ def expand_grid(grid: dict, models: dict | None = None, methods: dict | None = N
     models = models if models is not None else load_models(models_file)
     methods = methods if methods is not None else load_methods(methods_file)
     cells: dict[tuple[str, str, int], GridCell] = {}
-    for block in [grid, *grid.get("blocks", [])]:
-        for model_id in block.get("models", grid["models"]):
-            lookup(models, model_id, models_file, "model")
-            for method_id in block["methods"]:
-                sampler = make_sampler(lookup(methods, method_id, methods_file, "method"))
+    for b, block in enumerate([grid, *grid.get("blocks", [])]):
+        where = f"blocks.{b - 1}." if b else ""  # the grid key an id comes from, for the error line
+        model_key = f"{where}models" if "models" in block else "models"
+        for i, model_id in enumerate(block.get("models", grid["models"])):
+            _grid_lookup(models, model_id, models_file, "model", f"{model_key}.{i}")
+            for j, method_id in enumerate(block["methods"]):
+                sampler = make_sampler(_grid_lookup(methods, method_id, methods_file, "method", f"{where}methods.{j}"))
                 for nfe in block["nfe"]:
                     if (model_id, method_id, nfe) in cells:
                         continue
@@ -64,3 +66,11 @@ def expand_grid(grid: dict, models: dict | None = None, methods: dict | None = N
                         cell = GridCell(model_id, method_id, nfe, False, err.reason)
                     cells[(model_id, method_id, nfe)] = cell
     return list(cells.values())
+
+
+def _grid_lookup(table: dict, item_id: str, path, what: str, grid_key: str) -> dict:
+    """`lookup`, its error line led by the grid key that names the id."""
+    try:
+        return lookup(table, item_id, path, what)
+    except ConfigError as err:
+        raise ConfigError(f"grid key '{grid_key}': {err}") from None

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.config import config_hash
-from harness.errors import ConfigError, StepbenchError
+from harness.config import config_hash, lookup
+from harness.errors import ConfigError, StepbenchError, valid_names
 from harness.models import load_denoiser
 from harness.noise import SampleNoise
 
@@ -28,14 +28,14 @@ EXACT_ATOL = 1e-10
 KINDS = ("exact", "solver")
 
 
-def reference_key(model_spec: dict, kind: str, seed: int, num_samples: int, methods: dict) -> str:
-    solver = _reference_method(model_spec, methods) if kind == "solver" else {"dop853_rtol": EXACT_RTOL}
+def reference_key(model_id: str, model_spec: dict, kind: str, seed: int, num_samples: int, methods: dict) -> str:
+    solver = _reference_method(model_id, model_spec, methods) if kind == "solver" else {"dop853_rtol": EXACT_RTOL}
     return config_hash(model_spec, kind, seed, num_samples, solver)
 
 
 def reference_path(cache_dir: Path, model_id: str, model_spec: dict, kind: str, seed: int, num_samples: int,
                    methods: dict) -> Path:
-    key = reference_key(model_spec, kind, seed, num_samples, methods)
+    key = reference_key(model_id, model_spec, kind, seed, num_samples, methods)
     return Path(cache_dir) / "references" / model_id / f"{kind}-{key}.npz"
 
 
@@ -67,7 +67,7 @@ def compute(path: Path, model_id, model_spec, kind, seed, num_samples, methods, 
         from harness.cells import generate
         from harness.methods import make_sampler
 
-        spec = _reference_method(model_spec, methods)
+        spec = _reference_method(model_id, model_spec, methods)
         nfe = model_spec["reference"]["nfe"]
         batch = model_spec.get("batch_size", 250)
         result = generate(denoiser, make_sampler(spec), nfe, seed, num_samples, batch)
@@ -82,13 +82,16 @@ def compute(path: Path, model_id, model_spec, kind, seed, num_samples, methods, 
     tmp.replace(path)
 
 
-def _reference_method(model_spec: dict, methods: dict) -> dict:
+def _reference_method(model_id: str, model_spec: dict, methods: dict) -> dict:
+    """The method spec of the model's `reference` entry, from the methods file."""
     ref = model_spec.get("reference")
     if ref is None:
-        raise ConfigError("mse_ref needs a 'reference: {method, nfe}' entry for the model in models.yaml")
+        raise ConfigError(f"model {model_id!r}: mse_ref needs a 'reference: {{method, nfe}}' entry in its models file")
+    methods_file = getattr(methods, "path", "the methods file")
     if ref["method"] not in methods:
-        raise ConfigError(f"models.yaml: key 'reference.method': {ref['method']!r} unknown; valid: {', '.join(methods)}")
-    return methods[ref["method"]]
+        raise ConfigError(f"model {model_id!r}: key 'reference.method': {ref['method']!r} is not in {methods_file}"
+                          f"{valid_names(ref['method'], methods)}")
+    return lookup(methods, ref["method"], methods_file, "method")
 
 
 def exact_solution(denoiser, seed: int, num_samples: int, chunk: int = 500) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Generic, TypeVar
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, valid_names
 
 T = TypeVar("T")
 
@@ -43,7 +43,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> type[T]:
         if name not in self._entries:
-            raise ConfigError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}")
+            raise ConfigError(f"unknown {self.kind} {name!r}{valid_names(name, self.names())}")
         target = self._entries[name]
         if isinstance(target, str):
             target = _import(target)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, valid_names
 
 
 class NoiseProcess(ABC):
@@ -200,7 +200,7 @@ def make_process(spec: dict) -> NoiseProcess:
     params = dict(spec)
     kind = params.pop("kind")
     if kind not in PROCESSES:
-        raise ConfigError(f"process kind {kind!r} unknown; valid: {', '.join(PROCESSES)}")
+        raise ConfigError(f"process kind {kind!r} unknown{valid_names(kind, PROCESSES)}")
     return PROCESSES[kind](**params)
 
 
@@ -286,7 +286,7 @@ def align_your_steps(process: NoiseProcess, n: int, model: str | None = None) ->
     At n = 10 these are the published levels. They are the optimised model's sigma~, used as they are
     on any process (the embedded models are not the models AYS optimised for)."""
     if model not in ALIGN_YOUR_STEPS:
-        raise ConfigError(f"align_your_steps: model {model!r} unknown; valid: {', '.join(ALIGN_YOUR_STEPS)}")
+        raise ConfigError(f"align_your_steps: model {model!r} unknown{valid_names(model, ALIGN_YOUR_STEPS)}")
     return loglinear_resample(ALIGN_YOUR_STEPS[model], n + 1)[:-1]
 
 
@@ -330,11 +330,11 @@ def schedule_function(spec: dict) -> tuple[Callable[..., np.ndarray], dict]:
     params = dict(spec)
     kind = params.pop("kind", None)
     if kind not in SCHEDULES:
-        raise ConfigError(f"schedule kind {kind!r} unknown; valid: {', '.join(SCHEDULES)}")
+        raise ConfigError(f"schedule kind {kind!r} unknown{valid_names(kind, SCHEDULES)}")
     accepted = list(inspect.signature(SCHEDULES[kind]).parameters)[2:]  # after (process, n)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ConfigError(f"schedule {kind}: parameter {unknown[0]!r} unknown; valid: {', '.join(accepted) or 'none'}")
+        raise ConfigError(f"schedule {kind}: parameter {unknown[0]!r} unknown{valid_names(unknown[0], accepted)}")
     return SCHEDULES[kind], params
 
 

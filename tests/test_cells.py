@@ -156,7 +156,7 @@ def test_cli_bad_input_is_one_line(repo_files, args, expected):
         ("gmm2d:\n  adapter: nope\n  process: {kind: edm}\n  metrics: []\n",
          "models.yaml: key 'gmm2d.adapter': 'nope' unknown; valid: diffusers_unet, digits_ideal, gmm2d"),
         ("gmm2d:\n  adapter: gmm2d\n  process: {kind: edm}\n  metrics: [fidd]\n",
-         "models.yaml: key 'gmm2d.metrics.0': 'fidd' unknown; valid:"),
+         "models.yaml: key 'gmm2d.metrics.0': 'fidd' unknown (did you mean 'fid'?); valid:"),
     ],
 )
 def test_cli_bad_config_is_one_line(repo_files, edit, expected):
@@ -193,9 +193,10 @@ def test_prepared_artifact_key_follows_the_preparing_code(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("entry, expected", [
     ("typo:\n  family: solver\n  solver: heun\n  params: {s_chrun: 40}\n",
-     "methods.yaml: key 'typo.params.s_chrun': unknown for solver 'heun'; valid: variables, s_churn, s_tmin"),
+     "methods.yaml: key 'typo.params.s_chrun': unknown for solver 'heun' (did you mean 's_churn'?); valid: variables, s_churn, s_tmin"),
     ("typo:\n  family: solver\n  solver: dc_solver\n  params: {calibration_sample: 4}\n",
-     "key 'typo.params.calibration_sample': unknown for solver 'dc_solver'; valid: order, variant, calibration_samples"),
+     "key 'typo.params.calibration_sample': unknown for solver 'dc_solver' (did you mean "
+     "'calibration_samples'?); valid: order, variant, calibration_samples"),
 ])
 def test_cli_misspelt_solver_param_is_one_line(repo_files, entry, expected):
     with open(repo_files / "methods.yaml", "a") as f:
@@ -239,3 +240,14 @@ def test_cli_wrong_param_value_is_one_line(repo_files, params, schedule, expecte
                cwd=repo_files)
     assert run.returncode != 0 and run.stderr.strip().startswith(expected), run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_misspelt_reference_method_names_the_model_and_the_methods_file(tmp_path):
+    from harness import references
+    from harness.errors import ConfigError
+
+    spec = {**MODELS["gmm2d"], "reference": {"method": "dpmpp_2mm", "nfe": 100}}
+    with pytest.raises(ConfigError) as err:
+        references.reference_path(tmp_path, "gmm2d", spec, "solver", 0, 10, METHODS)
+    assert str(err.value).startswith(f"model 'gmm2d': key 'reference.method': 'dpmpp_2mm' is not in "
+                                     f"{REPO / 'methods.yaml'} (did you mean 'dpmpp_2m'?); valid: euler, ")

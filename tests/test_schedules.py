@@ -136,8 +136,8 @@ def test_misspelt_schedule_parameter_in_methods_yaml_is_one_line_error(tmp_path)
     path.write_text("ays:\n  family: solver\n  solver: euler\n  schedule: {kind: align_your_steps, modle: sd15}\n")
     with pytest.raises(ConfigError) as err:
         load_methods(path)
-    assert str(err.value) == (f"{path}: key 'ays.schedule': schedule align_your_steps: parameter 'modle' unknown; "
-                              "valid: model")
+    assert str(err.value) == (f"{path}: key 'ays.schedule': schedule align_your_steps: parameter 'modle' unknown "
+                              "(did you mean 'model'?); valid: model")
 
 
 @pytest.mark.parametrize(

@@ -82,12 +82,19 @@ def test_plugin_solver_nfe_is_audited_not_declared(lab):
                            "ModuleNotFoundError: No module named 'no_such_lab_module'"),
     ("lab_failing", "key 'broken.module': solver module 'lab_failing' cannot be imported: ZeroDivisionError"),
 ])
-def test_unimportable_solver_module_is_one_line(lab, module, expected):
+def test_unimportable_solver_module_is_one_line_for_its_method_only(lab, module, expected):
+    """A colleague's plugin that does not import here fails the commands that ask for it, in one line; the
+    other methods of the shared methods.yaml still run, and `stepbench methods` lists it with the reason."""
     cwd, plugins = lab
     (plugins / "lab_failing.py").write_text("1 / 0\n")
     with open(cwd / "methods.yaml", "a") as f:
         f.write(f"broken:\n  family: solver\n  module: {module}\n  solver: euler\n")
-    run = _cli("sample", "--model", "gmm2d", "--method", "euler", "--nfe", "4", "--out", str(cwd / "x"),
+    run = _cli("sample", "--model", "gmm2d", "--method", "broken", "--nfe", "4", "--out", str(cwd / "x"),
                cwd=cwd, pythonpath=plugins)
     assert run.returncode != 0 and expected in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and not (cwd / "x").exists()
+    _sample(lab, "heun", 5)
+    listing = _cli("methods", "--nfe", "4", cwd=cwd, pythonpath=plugins)
+    assert listing.returncode == 0, listing.stderr
+    row = next(line for line in listing.stdout.splitlines() if line.startswith("broken "))
+    assert "n/a (its module does not import)" in row and expected in row

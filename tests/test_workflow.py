@@ -64,6 +64,28 @@ def test_grid_with_unknown_model_is_one_clear_line(tmp_path):
     assert "Traceback" not in run.stderr
 
 
+def test_grid_ids_are_checked_where_the_grid_names_them(tmp_path):
+    """A misspelt id names the grid key it sits at, with the close valid id; a plugin method whose module does
+    not import here stops only the grids that ask for it."""
+    methods = tmp_path / "methods.yaml"
+    methods.write_text((REPO / "methods.yaml").read_text()
+                       + "colleagues_solver:\n  family: solver\n  module: not_installed_here\n  solver: x\n")
+    grid = _grid(tmp_path, methods_file=str(methods), blocks=[{"methods": ["euler", "dpmpp2m"], "nfe": [6]}])
+    run = _run(tmp_path, "--configfile", str(grid), "--dry-run")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert (f"stepbench: error: grid key 'blocks.0.methods.1': {methods}: no method 'dpmpp2m' "
+            "(did you mean 'dpmpp_2m'?); valid: ") in run.stderr, run.stderr[-2000:]
+
+    grid = _grid(tmp_path, methods_file=str(methods))  # euler and heun only
+    assert _run(tmp_path, "--configfile", str(grid), "--dry-run").returncode == 0
+
+    grid = _grid(tmp_path, methods_file=str(methods), methods=["euler", "colleagues_solver"])
+    run = _run(tmp_path, "--configfile", str(grid), "--dry-run")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert (f"stepbench: error: grid key 'methods.1': {methods}: key 'colleagues_solver.module': solver module "
+            "'not_installed_here' cannot be imported") in run.stderr, run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"nfe": [6.5]}, "key 'nfe.0': 6.5 is not of type 'integer'"),
     ({"nfee": [6]}, "key '(top level)': Additional properties are not allowed ('nfee' was unexpected)"),

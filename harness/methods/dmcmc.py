@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, valid_names
 from harness.methods.solver_base import NFERule, solver
 
 MCMC_STEPS = 2
@@ -85,7 +85,7 @@ def dmcmc(model, x, sigmas, noise=None, base="dpmpp_2m", start_sigma=2.0, step=0
     """Euler jump to start_sigma, MCMC_STEPS Langevin-Gibbs iterations, then `base` from each sample's
     least-noise state over the cell's schedule warped to start there."""
     if base not in BASE_ORDERS:
-        raise ConfigError(f"dmcmc: base solver {base!r} not supported; valid: {', '.join(BASE_ORDERS)}")
+        raise ConfigError(f"dmcmc: base solver {base!r} not supported{valid_names(base, BASE_ORDERS)}")
     if noise is None:
         raise ValueError("dmcmc is stochastic: it needs the per-sample generator (noise=SampleNoise)")
     dims = x[0].numel()

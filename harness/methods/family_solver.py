@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import ConfigError, UnsupportedNFE
+from harness.errors import ConfigError, UnsupportedNFE, valid_names
 # Importing a solver module registers its solvers.
 from harness.methods import solvers  # noqa: F401  (euler, heun, dpmpp_2m)
 from harness.methods import ancestral, deis, deis_tab, dpm_solver, lms, pndm, unipc  # noqa: F401  (the solver zoo)
@@ -64,7 +64,7 @@ class SolverSampler(Sampler):
             import_solver_module(spec["module"])
         name = spec["solver"]
         if name not in SOLVERS:
-            raise ConfigError(f"solver {name!r} unknown; valid: {', '.join(sorted(SOLVERS))}")
+            raise ConfigError(f"solver {name!r} unknown{valid_names(name, sorted(SOLVERS))}")
         self.name = name
         self.solver = SOLVERS[name]
         self.schedule = spec.get("schedule", {"kind": "edm_rho", "rho": 7.0})

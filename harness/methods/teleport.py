@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from harness.datasets import load_dataset
-from harness.errors import ConfigError, StepbenchError
+from harness.errors import ConfigError, StepbenchError, valid_names
 from harness.methods.solver_base import SOLVERS, NFERule, solver
 
 MOMENT_DRAWS = 100_000
@@ -55,7 +55,9 @@ def base_solver(name: str, rule: NFERule, method: str):
         return s.nfe == rule and s.prepare is None and not s.needs_process
 
     valid = sorted(n for n, s in SOLVERS.items() if usable(s))
-    if name not in SOLVERS or not usable(SOLVERS[name]):
+    if name not in SOLVERS:
+        raise ConfigError(f"{method}: base solver {name!r} unknown{valid_names(name, valid)}")
+    if not usable(SOLVERS[name]):
         raise ConfigError(f"{method}: base solver {name!r} not usable here; valid: {', '.join(valid)}")
     return SOLVERS[name].fn
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch_fidelity.defaults import DEFAULTS
 
-from harness.errors import ConfigError, StepbenchError
+from harness.errors import ConfigError, StepbenchError, valid_names
 from harness.metrics import cleanfid_backend
 from harness.metrics.base import EvalContext, Metric, MetricValue
 from harness.metrics.bootstrap import BootstrapSpec, bootstrap_interval
@@ -88,7 +88,8 @@ class FidelitySetup:
 def fidelity_setup(model_spec: dict, model_id: str) -> FidelitySetup:
     backend = model_spec.get("fid_backend", "torch-fidelity")
     if backend not in BACKENDS:
-        raise ConfigError(f"models.yaml: key '{model_id}.fid_backend': {backend!r} unknown; valid: {', '.join(BACKENDS)}")
+        raise ConfigError(f"models.yaml: key '{model_id}.fid_backend': {backend!r} "
+                          f"unknown{valid_names(backend, BACKENDS)}")
     if backend == "clean-fid":
         extractor = cleanfid_backend.EXTRACTOR
     elif "feature_extractor" not in model_spec:
@@ -121,7 +122,7 @@ def _layer_overrides(model_spec: dict, model_id: str, backend: str, extractor: s
                               "logits for is; remove the key or use fid_backend torch-fidelity")
         if layer not in provided:
             raise ConfigError(f"models.yaml: key '{model_id}.{key}': {layer!r} is not a layer of "
-                              f"{extractor!r}; valid: {', '.join(provided)}")
+                              f"{extractor!r}{valid_names(layer, provided)}")
         overrides.append((metric, layer))
     return tuple(overrides)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from harness.datasets import DATASETS, load_dataset
-from harness.errors import ConfigError, StepbenchError
+from harness.errors import ConfigError, StepbenchError, valid_names
 
 KINDS = ("embedded", "folder", "npz_images", "npz_stats", "library")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -80,7 +80,7 @@ def reference_source(model_spec: dict, model_id: str) -> ReferenceSource:
 
 def embedded_source(dataset: str) -> ReferenceSource:
     if dataset not in DATASETS:
-        raise ConfigError(f"dataset {dataset!r} unknown (models.yaml key 'dataset'); valid: {', '.join(DATASETS)}")
+        raise ConfigError(f"dataset {dataset!r} unknown (models.yaml key 'dataset'){valid_names(dataset, DATASETS)}")
     return ReferenceSource("embedded", dataset)
 
 
