@@ -12,7 +12,7 @@ from snakemake.utils import min_version, validate
 
 from harness.errors import StepbenchError
 from harness.grid import check_grid
-from harness.workflow import plan
+from harness.workflow import failed_job_lines, plan
 
 min_version("8.0")
 
@@ -46,6 +46,12 @@ except StepbenchError as err:  # bad config: one line, no traceback
 RESULTS = PLAN.results_dir
 CACHE = PLAN.cache_dir
 COMMON = PLAN.common_args  # --models-file/--methods-file/--cache-dir for cell-level CLI calls
+
+
+onerror:
+    # each failed job's own one-line error, after Snakemake's report (which only points to the job's log)
+    for _line in failed_job_lines(log):
+        print(_line, file=sys.stderr)
 
 
 # Bookkeeping that costs nothing stays on the submitting node under a cluster executor.

@@ -6,6 +6,7 @@ computed in one place (the harness) for both the workflow and a standalone `step
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from harness import prepared, references
 from harness.cells import cell_config_hash
 from harness.config import config_hash, load_methods, load_models
 from harness.grid import GridCell, expand_grid, grid_seeds
+from harness.errors import ConfigError, StepbenchError
 from harness.methods import make_sampler
+from harness.models import check_model
 
 # metric -> reference solution kind it reads
 REFERENCE_KIND = {"exact_err": "exact", "mse_ref": "solver"}
@@ -83,6 +86,11 @@ def plan(config: dict) -> Plan:
     seeds = grid_seeds(config)
     cells = [c for c in expand_grid(config, models, methods) if c.supported]
     model_ids = list(dict.fromkeys(c.model for c in cells))
+    for model_id in model_ids:  # a missing checkpoint is one line now, not a failed job later
+        try:
+            check_model(models[model_id])
+        except StepbenchError as err:
+            raise ConfigError(f"{config['models_file']}: model {model_id!r}: {err}") from None
     result = Plan(
         results_dir=results_dir,
         cache_dir=cache_dir,
@@ -135,3 +143,17 @@ def _fidelity_inputs(result: Plan, cache_dir: Path, model_id: str, spec: dict) -
     stats = reference_statistics_path(cache_dir, setup)
     result.refstats.setdefault(stats, (model_id, [weights] if buildable else []))
     return [weights, stats]
+
+
+def failed_job_lines(snakemake_logs: str | list[str]) -> list[str]:
+    """One line per failed job of a run, read from Snakemake's log(s) of it: the job's own last line (its
+    one-line error, or a traceback's last line) and its log file. Printed last, the cause ends the output
+    instead of waiting in a file that Snakemake's error block points to."""
+    lines = []
+    snakemake_logs = [snakemake_logs] if isinstance(snakemake_logs, str) else snakemake_logs
+    text = "".join(Path(p).read_text() for p in snakemake_logs if Path(p).is_file())
+    for log in dict.fromkeys(re.findall(r"^\s*log: (\S+) \(check log file", text, re.M)):
+        job_lines = Path(log).read_text().splitlines() if Path(log).is_file() else []
+        last = next((line for line in reversed(job_lines) if line.strip()), "(its log is empty)")
+        lines.append(f"stepbench: error: a job failed ({log}): {last.removeprefix('stepbench: error: ')}")
+    return lines

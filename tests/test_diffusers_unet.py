@@ -23,7 +23,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 from harness.errors import ConfigError, StepbenchError  # noqa: E402
 from harness.methods.solvers import euler  # noqa: E402
-from harness.models import load_denoiser  # noqa: E402
+from harness.models import check_model, load_denoiser  # noqa: E402
 from test_solvers_vs_diffusers import (  # noqa: E402
     ddim_scheduler,
     relative_difference,
@@ -103,6 +103,9 @@ def test_ddim_on_the_loaded_unet_matches_diffusers_ddim(pipeline_folder):
 def test_process_that_disagrees_with_the_checkpoint_is_one_line(pipeline_folder):
     with pytest.raises(ConfigError, match=r"disagrees with the checkpoint's scheduler config \(linear, 1000 betas"):
         load_denoiser(spec(pipeline_folder, process={**LINEAR, "beta_end": 0.012}))
+    with pytest.raises(ConfigError, match="disagrees with the checkpoint's scheduler config"):
+        check_model(spec(pipeline_folder, process={**LINEAR, "beta_end": 0.012}))  # at planning, no weights read
+    check_model(spec(pipeline_folder))
     with pytest.raises(ConfigError, match="params.prediction is 'v' but the checkpoint predicts 'epsilon'"):
         load_denoiser(spec(pipeline_folder, params={"prediction": "v"}))
 
@@ -118,10 +121,12 @@ def test_hub_id_loads_from_the_hugging_face_cache(bare_folder, tmp_path):
 
 
 def test_uncached_hub_id_is_one_line_and_nothing_is_downloaded(tmp_path):
-    with pytest.raises(StepbenchError, match="no UNet2DModel in google/ddpm-cifar10-32.*huggingface-cli download "
-                                             "google/ddpm-cifar10-32") as err:
+    expected = r"no scheduler config .* in google/ddpm-cifar10-32.*huggingface-cli download google/ddpm-cifar10-32"
+    with pytest.raises(StepbenchError, match=expected) as err:
         load_denoiser(spec("google/ddpm-cifar10-32", params={"cache_dir": str(tmp_path)}))  # an empty cache
     assert "\n" not in str(err.value)
+    with pytest.raises(StepbenchError, match=expected):  # what a grid's planning checks, before any job
+        check_model(spec("google/ddpm-cifar10-32", params={"cache_dir": str(tmp_path)}))
 
 
 def test_missing_local_folder_is_one_line_without_the_hub_hint(tmp_path, monkeypatch):

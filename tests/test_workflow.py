@@ -30,9 +30,9 @@ def _grid(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-def _run(tmp_path, *args):
+def _run(tmp_path, *args, env=None):
     # rules call the `stepbench` console script installed next to this interpreter
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env or {})}
     return subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), *args], capture_output=True, text=True, env=env)
 
 
@@ -62,6 +62,37 @@ def test_grid_with_unknown_model_is_one_clear_line(tmp_path):
     assert run.returncode != 0
     assert "stepbench: error:" in run.stderr and "no model 'nope'; valid: gmm2d, digits-ideal" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_missing_checkpoint_is_one_line_before_any_job(tmp_path):
+    models = tmp_path / "models.yaml"
+    models.write_text((REPO / "models.yaml").read_text() + yaml.safe_dump({"my-unet": {
+        "adapter": "diffusers_unet", "source": "./checkpoints/my-ddpm", "metrics": ["mse_ref"],
+        "reference": {"method": "dpmpp_2m", "nfe": 50},
+        "process": {"kind": "vp_discrete", "beta_schedule": "linear", "num_train_timesteps": 1000}}}))
+    run = _run(tmp_path, "--configfile", str(_grid(tmp_path, models=["gmm2d", "my-unet"], models_file=str(models))))
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert errors == [f"stepbench: error: {models}: model 'my-unet': diffusers_unet: source ./checkpoints/my-ddpm: "
+                      "no such folder"], run.stderr[-2000:]
+    assert not (tmp_path / "results").exists()  # nothing ran
+
+
+def test_a_failing_job_ends_the_output_with_its_own_error(tmp_path):
+    """Snakemake's error block only points to the job's log; the job's own last line follows it."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "lab_boom.py").write_text(
+        "from harness.methods.solver_base import solver\n\n\n@solver('boom', order=1)\n"
+        "def boom(model, x, sigmas, noise=None):\n    raise RuntimeError('boom: this solver always fails')\n")
+    methods = tmp_path / "methods.yaml"
+    methods.write_text((REPO / "methods.yaml").read_text() + "boom:\n  family: solver\n  module: lab_boom\n  solver: boom\n")
+    grid = _grid(tmp_path, methods=["boom"], nfe=[4], seeds=[0], methods_file=str(methods))
+    run = _run(tmp_path, "--configfile", str(grid), env={"PYTHONPATH": str(plugins)})
+    assert run.returncode != 0
+    tail = run.stderr.strip().splitlines()[-6:]
+    assert ("stepbench: error: a job failed (results/logs/sample/gmm2d__boom__nfe4__seed0.log): "
+            "RuntimeError: boom: this solver always fails") in tail, run.stderr[-3000:]
 
 
 def test_grid_ids_are_checked_where_the_grid_names_them(tmp_path):

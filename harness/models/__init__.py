@@ -20,3 +20,8 @@ def resolve_device(device: str | None) -> str:
 def load_denoiser(spec: dict, device: str | torch.device = "cpu"):
     """Build the Denoiser for one validated models.yaml entry."""
     return MODELS.get(spec["adapter"]).from_config(spec, torch.device(device))
+
+
+def check_model(spec: dict) -> None:
+    """A models.yaml entry's cheap checks (files found, configs agreeing), without loading weights."""
+    MODELS.get(spec["adapter"]).check_spec(spec)

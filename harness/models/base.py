@@ -34,6 +34,12 @@ class DenoiserInfo:
 class Denoiser(ABC):
     info: DenoiserInfo
 
+    @classmethod
+    def check_spec(cls, spec: dict) -> None:
+        """Checks of a models.yaml entry cheap enough to run while a grid is planned (its files exist, its
+        configs agree), so that a bad entry is one line before any job starts. Loading the weights is the
+        jobs' work. Adapters with files to find override it."""
+
     @abstractmethod
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """x: [B, *data_shape] scaled noisy input; sigma: [B] scaled noise levels; returns x0_hat."""

@@ -18,6 +18,7 @@ iDDPM) give their first half, the mean's prediction.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,25 +34,16 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class DiffusersUNet(NetworkDenoiser):
     @classmethod
+    def check_spec(cls, spec: dict) -> None:
+        _checkpoint_setup(spec)
+
+    @classmethod
     def from_config(cls, spec: dict, device: torch.device) -> "DiffusersUNet":
         params = spec.get("params", {})
-        source = spec.get("source")
-        if not source:
-            raise ConfigError("adapter diffusers_unet needs `source`: a hub id or a local folder")
-        # a hub id is "org/name"; a missing path that is plainly local (absolute, ./, ~, or inside a folder
-        # that exists here) needs no hint about the hub
-        parent = Path(source).parent
-        local = source.startswith(("/", ".", "~")) or (parent != Path(".") and parent.is_dir())
-        if local and not Path(source).expanduser().is_dir():
-            raise ConfigError(f"diffusers_unet: source {source}: no such folder")
+        source, process, prediction = _checkpoint_setup(spec)
         dtype = _dtype(params.get("dtype", "float32"))
         subfolder, cache_dir = params.get("subfolder"), params.get("cache_dir")
         unet = _load_unet(source, [subfolder] if subfolder else ["unet", None], dtype, cache_dir).to(device).eval()
-        scheduler_config = _load_scheduler_config(source, ["scheduler", None], cache_dir)
-
-        process = make_process(spec["process"])
-        _check_process(source, process, scheduler_config)
-        prediction = _prediction(source, scheduler_config, params.get("prediction"))
         size = unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         channels = unet.config.in_channels
@@ -73,6 +65,26 @@ class DiffusersUNet(NetworkDenoiser):
         return cls(net, info)
 
 
+def _checkpoint_setup(spec: dict) -> tuple[str, object, str]:
+    """(source, noise process, prediction type) of an entry, from its scheduler config alone (a small file):
+    the checkpoint is found and agrees with models.yaml, or a one-line error says why not."""
+    params = spec.get("params", {})
+    source = spec.get("source")
+    if not source:
+        raise ConfigError("adapter diffusers_unet needs `source`: a hub id or a local folder")
+    # a hub id is "org/name"; a missing path that is plainly local (absolute, ./, ~, or inside a folder
+    # that exists here) needs no hint about the hub
+    parent = Path(source).parent
+    local = source.startswith(("/", ".", "~")) or (parent != Path(".") and parent.is_dir())
+    if local and not Path(source).expanduser().is_dir():
+        raise ConfigError(f"diffusers_unet: source {source}: no such folder")
+    _dtype(params.get("dtype", "float32"))
+    scheduler_config = _load_scheduler_config(source, ["scheduler", None], params.get("cache_dir"))
+    process = make_process(spec["process"])
+    _check_process(source, process, scheduler_config)
+    return source, process, _prediction(source, scheduler_config, params.get("prediction"))
+
+
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"params.dtype {name!r} unknown; valid: {', '.join(DTYPES)}")
@@ -85,7 +97,9 @@ def _first_that_loads(load, source: str, subfolders: list[str | None], what: str
     errors = []
     for subfolder in subfolders:
         try:
-            return load(subfolder)
+            with warnings.catch_warnings():  # huggingface_hub's deprecation notice about an argument diffusers passes
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+                return load(subfolder)
         except (OSError, ValueError) as err:
             errors.append(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
     raise StepbenchError(
