@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,16 @@ def test_editing_a_method_entry_reruns_its_cells(tmp_path):
     assert _run(tmp_path, "--configfile", str(grid)).returncode == 0
     again = _run(tmp_path, "--configfile", str(grid), "--dry-run")
     assert "Nothing to be done" in again.stdout + again.stderr
+    # the same entries in a file elsewhere: no sample, metric or reference job reruns (the report does: its
+    # method descriptions come from the file, and grid.json records the grid)
+    moved = tmp_path / "elsewhere" / "methods.yaml"
+    moved.parent.mkdir()
+    moved.write_text(methods_file.read_text())
+    moved_grid = _grid(moved.parent, methods=["ddim_eta05"], nfe=[4], seeds=[0], num_samples=20,
+                       methods_file=str(moved))
+    relocated = _run(tmp_path, "--configfile", str(moved_grid), "--dry-run")
+    planned = re.findall(r"^rule (\w+):", relocated.stdout, re.M)
+    assert relocated.returncode == 0 and set(planned) == {"grid_config", "report", "all"}, relocated.stdout[-2000:]
     methods["ddim_eta05"]["params"]["eta"] = 0.9
     methods_file.write_text(yaml.safe_dump(methods))
     edited = _run(tmp_path, "--configfile", str(grid), "--dry-run")
