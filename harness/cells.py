@@ -56,6 +56,11 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
                      np.concatenate(latents) if info.latent else None)
 
 
+def _plain_number(value: float) -> int | float:
+    """6 rather than 6.0 for a whole count (a mean over samples can be fractional, e.g. adaptive steps)."""
+    return int(value) if float(value).is_integer() else value
+
+
 def cell_config_hash(model_spec: dict, method_spec: dict, nfe: int, seed: int, num_samples: int) -> str:
     """What a cell's samples depend on, hashed: cell.json's config_hash, and a param of the cell's Snakemake
     job (harness.workflow), so that an edited entry reruns it."""
@@ -81,7 +86,7 @@ def run_cell(
     sampler.check_nfe(nfe)  # fail before loading a model
     prepared_record = prepared.load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe)
     denoiser = load_denoiser(model_spec, device)
-    batch_size = batch_size or model_spec.get("batch_size", 250)
+    batch_size = min(batch_size or model_spec.get("batch_size", 250), num_samples)  # the batch that runs
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -102,8 +107,8 @@ def run_cell(
         "method": method_id,
         "family": method_spec["family"],
         "nfe": nfe,
-        "nfe_measured": result.nfe_measured,
-        "network_evals": result.nfe_measured,  # no guidance yet: one network row per D call
+        "nfe_measured": _plain_number(result.nfe_measured),
+        "network_evals": _plain_number(result.nfe_measured),  # no guidance yet: one network row per D call
         "num_samples": num_samples,
         "seed": seed,
         "batch_size": batch_size,

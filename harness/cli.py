@@ -235,8 +235,10 @@ def main() -> None:
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)
-    except click.ClickException as err:
-        err.show()
+    except click.ClickException as err:  # a bad option value, a missing argument: one line too
+        usage = getattr(err, "ctx", None)
+        hint = f" (see {usage.command_path} --help)" if usage else ""
+        click.echo(f"stepbench: error: {err.format_message()}{hint}", err=True)
         sys.exit(err.exit_code)
 
 

@@ -76,6 +76,9 @@ def test_cell_json_carries_contract_fields(tmp_path):
     for key in ("model", "method", "family", "nfe", "nfe_measured", "num_samples", "seed", "wall_s",
                 "peak_mem_mb", "status", "provenance"):
         assert key in cell
+    # 40 samples, digits-ideal's configured batch is larger: the record says the batch that ran
+    assert cell["batch_size"] == cell["num_samples"] == 40 < MODELS["digits-ideal"].get("batch_size", 250)
+    assert type(cell["nfe_measured"]) is int  # a whole count is written as one
     prov = cell["provenance"]
     assert prov["config_hash"] and prov["device"].startswith("cpu") and "torch" in prov["packages"]
 
@@ -137,6 +140,9 @@ def test_cli_sample_and_evaluate_round_trip(repo_files):
         (["--model", "gmm2d", "--method", "heun", "--nfe", "8"], "NFE=8 cannot be met; nearest: 7, 9"),
         (["--model", "gmm2d", "--method", "euler", "--nfe", "4", "--models-file", "missing.yaml"],
          "missing.yaml: file not found"),
+        (["--model", "gmm2d", "--method", "euler", "--nfe", "6.5"],  # Click's own errors: one line as well
+         "stepbench: error: Invalid value for '--nfe': '6.5' is not a valid integer range. (see "),
+        (["--model", "gmm2d", "--nfe", "6"], "stepbench: error: Missing option '--method'."),
     ],
 )
 def test_cli_bad_input_is_one_line(repo_files, args, expected):
