@@ -80,6 +80,8 @@ PAIRS = [
     ({"solver": "dpm2_ancestral"}, lambda: KDPM2AncestralDiscreteScheduler(**BETAS)),
     ({"solver": "ddpm_large"}, lambda: DDPMScheduler(**BETAS, variance_type="fixed_large")),
     ({"solver": "sa_solver"}, lambda: SASolverScheduler(**BETAS)),  # both defaults: orders 2, 2, tau on 200..800
+    ({"solver": "sa_solver", "params": {"prediction": "noise"}},
+     lambda: SASolverScheduler(**BETAS, algorithm_type="noise_prediction")),
 ]
 
 
