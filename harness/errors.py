@@ -19,8 +19,6 @@ class UnsupportedNFE(StepbenchError):
         self.reason = reason or message
 
 
-
-
 def valid_names(value: object, valid) -> str:
     """The tail of a message about a name not among `valid`: '; valid: a, b, ...', led by
     ' (did you mean 'x'?)' when one valid name is a typo away from it."""
