@@ -45,14 +45,7 @@ except StepbenchError as err:  # bad config: one line, no traceback
 
 RESULTS = PLAN.results_dir
 CACHE = PLAN.cache_dir
-
-
-def COMMON(wildcards, output):
-    """--models-file/--methods-file/--cache-dir for cell-level CLI calls. A param function of the output is
-    one Snakemake does not compare between runs: what the files say is tracked instead (cached files are
-    named by their content; cells and metrics carry their entries' hashes as params), so pointing a grid at
-    a copy of methods.yaml elsewhere reruns nothing."""
-    return PLAN.common_args
+COMMON = PLAN.untracked_common_args  # --models-file/--methods-file/--cache-dir for cell-level CLI calls
 
 
 onerror:

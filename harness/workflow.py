@@ -61,6 +61,13 @@ class Plan:
         """Options every cell-level CLI call takes: the config files and the cache."""
         return f"{self.config_file_args} --cache-dir {self.cache_dir}"
 
+    def untracked_common_args(self, wildcards, output) -> str:
+        """`common_args` as a Snakemake param function of the output, which Snakemake does not compare
+        between runs: what the files say is tracked instead (cached files are named by their content; cells
+        and metrics carry their entries' hashes as params), so a grid pointed at a copy of methods.yaml
+        elsewhere reruns nothing."""
+        return self.common_args
+
     def cell_dir(self, model: str, method: str, nfe, seed) -> Path:
         return GridCell(model, method, int(nfe), True).path(self.results_dir, int(seed))
 
