@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -227,19 +228,33 @@ def refstats(model_id, dataset, extractor_name, models_file, cache_dir):
         raise StepbenchError("stepbench refstats: give --model, or --dataset with --extractor")
 
 
-def main() -> None:
+def run(argv: list[str]) -> int:
+    """Run one stepbench command; its exit status. Bad input is one line on stderr, never a traceback."""
+    from harness import accounting
+
+    accounting.reset()
+    start = time.perf_counter()
+    status = 1  # an exception that escapes (a bug) ends the process with 1, as Python does
     try:
-        cli(standalone_mode=False)
+        result = cli.main(args=argv, prog_name="stepbench", standalone_mode=False)
+        status = result if isinstance(result, int) else 0  # --help returns 0; commands return None
     except StepbenchError as err:
         click.echo(f"stepbench: error: {err}", err=True)
-        sys.exit(2)
+        status = 2
     except click.exceptions.Abort:
-        sys.exit(130)
+        status = 130
     except click.ClickException as err:  # a bad option value, a missing argument: one line too
         usage = getattr(err, "ctx", None)
         hint = f" (see {usage.command_path} --help)" if usage else ""
         click.echo(f"stepbench: error: {err.format_message()}{hint}", err=True)
-        sys.exit(err.exit_code)
+        status = err.exit_code
+    finally:
+        accounting.write_ledger(argv, time.perf_counter() - start, status)
+    return status
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness import accounting
 from harness.errors import StepbenchError
 from harness.metrics import METRICS
 from harness.metrics.base import EvalContext
@@ -33,7 +34,8 @@ def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names:
         if cell["status"] != "ok" and name not in ("wall_s_per_sample", "peak_mem_mb"):
             out[name] = None  # a diverged cell is a result: its quality metrics are undefined
             continue
-        result = cls().compute(ctx)
+        with accounting.timed("metrics"):
+            result = cls().compute(ctx)
         out[name] = None if not math.isfinite(result.value) else float(result.value)
         if result.ci_low is not None:
             out["ci"][name] = [result.ci_low, result.ci_high]

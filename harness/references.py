@@ -21,6 +21,7 @@ import torch
 from harness.config import config_hash, lookup
 from harness.errors import ConfigError, StepbenchError, valid_names
 from harness.models import load_denoiser
+from harness.nfe import CountingDenoiser
 from harness.noise import SampleNoise
 
 EXACT_RTOL = 1e-10
@@ -57,7 +58,7 @@ def _holds(path: Path, array: str) -> bool:
 
 
 def compute(path: Path, model_id, model_spec, kind, seed, num_samples, methods, device="cpu") -> None:
-    denoiser = load_denoiser(model_spec, device)
+    denoiser = CountingDenoiser(load_denoiser(model_spec, device))  # times the network calls (accounting)
     extra: dict[str, np.ndarray] = {}  # latent models' pre-decode solution, for mse_ref in latent space
     if kind == "exact":
         if not denoiser.info.extra.get("analytic"):

@@ -30,6 +30,7 @@ from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from harness import accounting
 from harness.datasets import load_dataset
 from harness.errors import ConfigError, StepbenchError
 
@@ -309,7 +310,9 @@ def build_extractor(name: str, cache_dir: Path) -> Path:
         # torch.save names the archive inside after the file it writes; through a buffer it is always
         # "archive", so the bytes, and the sha256 in provenance, do not depend on the temporary name
         buffer = io.BytesIO()
-        torch.save(spec.build(), buffer)
+        with accounting.timed("training"):
+            weights = spec.build()
+        torch.save(weights, buffer)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: parallel jobs may race here
         tmp.write_bytes(buffer.getvalue())
         os.replace(tmp, path)
