@@ -61,7 +61,8 @@ def test_metrics_equal_torch_fidelity_calculate_metrics(cache_dir, weights, digi
 
     assert fid.value == pytest.approx(expected["frechet_inception_distance"], rel=1e-6)
     assert kid.value == pytest.approx(expected["kernel_inception_distance_mean"], rel=1e-6)
-    assert kid.provenance["std"] == pytest.approx(expected["kernel_inception_distance_std"], rel=1e-6)
+    # torch-fidelity sums each subset's kernels in float32; stepbench in float64 from whole kernel matrices
+    assert kid.provenance["std"] == pytest.approx(expected["kernel_inception_distance_std"], rel=1e-4)
     assert isc.value == pytest.approx(expected["inception_score_mean"], rel=1e-6)
     assert isc.provenance["std"] == pytest.approx(expected["inception_score_std"], rel=1e-6)
     assert kid.provenance["subset_size"] == 300  # shrunk from torch-fidelity's 1000 to the sample count
@@ -152,3 +153,20 @@ def test_bad_input_names_the_key_and_valid_choices(cache_dir, tmp_path, digits):
         load_checkpoint(tmp_path / "absent.pt")
     with pytest.raises(StepbenchError, match="takes 8x8 images"):
         fidelity.extract_features(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "digits-cnn", tmp_path, ["feat"])
+
+
+def test_kid_equals_torch_fidelitys_estimator_in_float64(cache_dir, weights, digits):
+    """Given float64 features, torch-fidelity's kid_features_to_metric computes its subsets' kernels in float64:
+    the same estimator, subsets and precision as stepbench's sums over whole kernel matrices."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    from harness.metrics.fidelity import RNG_SEED, PolyKernels, kid_subset_mmds
+
+    generator = torch.Generator().manual_seed(0)
+    samples, reference = torch.randn(400, 64, generator=generator), torch.randn(700, 64, generator=generator) + 0.1
+    expected = kid_features_to_metric(samples.double(), reference.double(), kid_subsets=100, kid_subset_size=400,
+                                      rng_seed=RNG_SEED, verbose=False)
+    for kernels in (PolyKernels.of(samples, reference), None):  # whole kernels, and one subset at a time
+        mmds = kid_subset_mmds(samples, reference, kernels)
+        assert mmds.mean() == pytest.approx(expected["kernel_inception_distance_mean"], rel=1e-10)
+        assert mmds.std() == pytest.approx(expected["kernel_inception_distance_std"], rel=1e-10)

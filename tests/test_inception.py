@@ -78,6 +78,19 @@ def torch_fidelity_metrics(samples: np.ndarray, reference: torch.Tensor, weights
         **options)
 
 
+def assert_kid_equals_torch_fidelity(kid, ctx: EvalContext, layer: str, expected: dict, subset_size: int) -> None:
+    """KID against calculate_metrics, which sums each subset's kernels (values near 1) in float32, to that
+    precision; and to 1e-10 against torch-fidelity's own estimator given the same features in float64."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    assert kid.value == pytest.approx(expected["kernel_inception_distance_mean"], abs=1e-6)
+    samples = fidelity.sample_features(ctx)[0][layer]
+    reference = fidelity.reference_statistics(ctx)[0].features[layer]
+    in_float64 = kid_features_to_metric(samples.double(), reference.double(), kid_subset_size=subset_size,
+                                        kid_subsets=fidelity.KID_SUBSETS, rng_seed=fidelity.RNG_SEED, verbose=False)
+    assert kid.value == pytest.approx(in_float64["kernel_inception_distance_mean"], rel=1e-10)
+
+
 def test_inception_metrics_equal_torch_fidelity_calculate_metrics(setup):
     root, weights, reference, spec = setup
     samples = images(2)
@@ -91,7 +104,7 @@ def test_inception_metrics_equal_torch_fidelity_calculate_metrics(setup):
     # the two agree to 1e-5. Full-rank FID agrees to 1e-6 and better: test_fidelity.py (digits),
     # test_fid_trace_term_equals_torch_fidelity below and benchmarks/matrix_sqrt.py (2048-d, 3e-15).
     assert fid.value == pytest.approx(expected["frechet_inception_distance"], rel=1e-5)
-    assert kid.value == pytest.approx(expected["kernel_inception_distance_mean"], rel=1e-6)
+    assert_kid_equals_torch_fidelity(kid, ctx, "2048", expected, NUM)
     assert isc.value == pytest.approx(expected["inception_score_mean"], rel=1e-6)
     assert precision.value == expected["precision"] and recall.value == expected["recall"]
 
@@ -137,7 +150,7 @@ def test_full_rank_inception_layer_metrics_equal_torch_fidelity_to_1e6(setup, tm
     assert np.linalg.matrix_rank(np.cov(features, rowvar=False)) == 64  # the premise of the tolerance
     assert fid.value > 0
     assert fid.value == pytest.approx(expected["frechet_inception_distance"], rel=1e-6)
-    assert kid.value == pytest.approx(expected["kernel_inception_distance_mean"], rel=1e-6)
+    assert_kid_equals_torch_fidelity(kid, ctx, LOW_LAYER, expected, NUM_FULL_RANK)
     assert isc.value == pytest.approx(expected["inception_score_mean"], rel=1e-6)
     assert precision.value == expected["precision"] and recall.value == expected["recall"]
     for value in (fid, kid, isc, precision):

@@ -64,8 +64,14 @@ def bootstrap_interval(statistic: Callable[[torch.Tensor], float], num: int, spe
     reported for all samples); None when turned off or no resample gives a finite value."""
     if spec.resamples == 0:
         return None
-    values = np.array([statistic(indices) for indices in resample_indices(num, spec)])
+    return bootstrap_interval_of(np.array([statistic(indices) for indices in resample_indices(num, spec)]), spec,
+                                 estimate)
+
+
+def bootstrap_interval_of(values: np.ndarray, spec: BootstrapSpec, estimate: float) -> tuple[float, float] | None:
+    """The bias-corrected interval of replicates computed elsewhere (e.g. all at once); None without finite ones."""
+    values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
-    if not len(values):
+    if spec.resamples == 0 or not len(values):
         return None
     return percentile_interval(values - (values.mean() - estimate), spec.confidence)

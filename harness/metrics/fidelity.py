@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch_fidelity.defaults import DEFAULTS
 
+from harness import accounting
 from harness.errors import ConfigError, StepbenchError, valid_names
 from harness.metrics import cleanfid_backend
 from harness.metrics.base import EvalContext, Metric, MetricValue
-from harness.metrics.bootstrap import BootstrapSpec, bootstrap_interval
+from harness.metrics.bootstrap import BootstrapSpec, bootstrap_interval, bootstrap_interval_of, resample_indices
 from harness.metrics.features import (UInt8ImageDataset, data_to_uint8_rgb, file_sha256, get_extractor,
                                       planned_weights_path, resolve_weights)
 from harness.metrics.frechet import covariance_factor, frechet_distance, sample_factor, trace_sqrt_product
@@ -44,7 +45,9 @@ ISC_SPLITS = DEFAULTS["isc_splits"]
 PRC_NEIGHBORHOOD = DEFAULTS["prc_neighborhood"]
 PRC_BATCH_SIZE = DEFAULTS["prc_batch_size"]
 PRC_BOOTSTRAP_MAX_SAMPLES = 20000  # recall's bootstrap keeps a samples x samples distance matrix
-KID_BOOTSTRAP_MAX_SAMPLES = 20000  # KID's bootstrap keeps the samples x samples kernel matrix
+# KID keeps the kernel matrices between all samples and reference features when they fit (1.6 GB of float64);
+# beyond, the estimate makes kernels per subset and the bootstrap is left out
+KID_FULL_KERNEL_ELEMENTS = 2 * 10**8
 BACKENDS = ("torch-fidelity", "clean-fid")
 TRACE_SQRT = "eigvalsh(B^T S1 B), S_ref = B B^T (stepbench frechet.py)"
 
@@ -207,37 +210,83 @@ def kid_subset_size(num_1: int, num_2: int) -> int:
     return min(KID_SUBSET_SIZE, num_1, num_2)
 
 
-def kernel_distance(features_1: torch.Tensor, features_2: torch.Tensor) -> tuple[float, float]:
+@dataclass
+class PolyKernels:
+    """torch-fidelity's KID kernel k(a, b) = (a.b / dim + 1)^3 between all sample and reference features, in
+    float64, computed once per cell: the subset estimator and the bootstrap only sum parts of them."""
+
+    xx: torch.Tensor  # [N1, N1]
+    xy: torch.Tensor  # [N1, N2]
+    yy: torch.Tensor  # [N2, N2]
+
+    @classmethod
+    def of(cls, features_1: torch.Tensor, features_2: torch.Tensor) -> "PolyKernels":
+        x, y = features_1.to(torch.float64), features_2.to(torch.float64)
+        dim = x.shape[1]
+        return cls(*((a @ b.T / dim + 1) ** 3 for a, b in ((x, x), (x, y), (y, y))))
+
+
+def full_kernels_fit(num_1: int, num_2: int) -> bool:
+    return num_1 * (num_1 + num_2) + num_2 * num_2 <= KID_FULL_KERNEL_ELEMENTS
+
+
+def kid_subset_mmds(features_1: torch.Tensor, features_2: torch.Tensor, kernels: PolyKernels | None,
+                    subsets: int = KID_SUBSETS, rng_seed: int = RNG_SEED) -> np.ndarray:
+    """torch-fidelity's KID estimator: the unbiased MMD^2 of `subsets` random pairs of subsets, drawn as
+    kid_features_to_metric draws them (one RandomState, sample subset then reference subset), in float64 where
+    torch-fidelity computes in float32. With the whole kernel matrices at hand the subsets' sums come from them
+    (a 0/1 row per subset, all subsets in one matrix product) instead of new kernels per subset."""
+    n1, n2 = len(features_1), len(features_2)
+    m = kid_subset_size(n1, n2)
+    rng = np.random.RandomState(rng_seed)
+    draws = [(rng.choice(n1, m, replace=False), rng.choice(n2, m, replace=False)) for _ in range(subsets)]
+    if kernels is None:  # too many features for whole kernels: one subset at a time
+        mmds = []
+        for i1, i2 in draws:
+            sub = PolyKernels.of(features_1[i1], features_2[i2])
+            within = sub.xx.sum() - sub.xx.diagonal().sum() + sub.yy.sum() - sub.yy.diagonal().sum()
+            mmds.append(float(within / (m * (m - 1)) - 2.0 * sub.xy.sum() / (m * m)))
+        return np.array(mmds)
+    pick_1, pick_2 = torch.zeros(subsets, n1, dtype=torch.float64), torch.zeros(subsets, n2, dtype=torch.float64)
+    for row, (i1, i2) in enumerate(draws):
+        pick_1[row, i1] = 1.0
+        pick_2[row, i2] = 1.0
+    # off-diagonal sums within each subset, and the cross sum between a subset pair
+    within_1 = ((pick_1 @ kernels.xx) * pick_1).sum(1) - pick_1 @ kernels.xx.diagonal()
+    within_2 = ((pick_2 @ kernels.yy) * pick_2).sum(1) - pick_2 @ kernels.yy.diagonal()
+    across = ((pick_1 @ kernels.xy) * pick_2).sum(1)
+    return ((within_1 + within_2) / (m * (m - 1)) - 2.0 * across / (m * m)).numpy()
+
+
+def kernel_distance(features_1: torch.Tensor, features_2: torch.Tensor,
+                    kernels: PolyKernels | None = None) -> tuple[float, float]:
     """KID (polynomial kernel MMD^2 over random subsets): mean and standard deviation over subsets."""
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-
-    out = kid_features_to_metric(features_1, features_2, kid_subsets=KID_SUBSETS,
-                                 kid_subset_size=kid_subset_size(len(features_1), len(features_2)),
-                                 rng_seed=RNG_SEED, verbose=False)
-    return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
+    if kernels is None and full_kernels_fit(len(features_1), len(features_2)):
+        kernels = PolyKernels.of(features_1, features_2)
+    mmds = kid_subset_mmds(features_1, features_2, kernels)
+    return float(mmds.mean()), float(mmds.std())
 
 
-def kid_bootstrap(features_1: torch.Tensor, features_2: torch.Tensor, estimate: float,
-                  spec: BootstrapSpec) -> tuple[float, float] | None:
-    """Interval of KID over resampled samples, from kernel matrices computed once.
+def kid_bootstrap(kernels: PolyKernels | None, estimate: float, spec: BootstrapSpec) -> tuple[float, float] | None:
+    """Interval of KID over resampled samples, from the cell's kernel matrices (None without them: too many
+    features for whole kernels, or the bootstrap turned off).
 
-    Re-running torch-fidelity's 100-subset estimator per resample costs minutes; every resample here
-    is the unbiased MMD^2 of the whole resample (same kernel, same expectation as the subset mean), with
-    pairs of copies of one sample left out as the unbiased estimator leaves out the diagonal.
+    Re-running the 100-subset estimator per resample would cost minutes; every resample here is the unbiased
+    MMD^2 of the whole resample (same kernel, same expectation as the subset mean), with pairs of copies of
+    one sample left out as the unbiased estimator leaves out the diagonal. With c the resample's count of
+    each sample, the sum over pairs of distinct samples is c^T K c - sum_j c_j^2 K_jj, over n^2 - sum_j c_j^2
+    pairs: all resamples at once in one matrix product.
     """
-    if len(features_1) > KID_BOOTSTRAP_MAX_SAMPLES or spec.resamples == 0:
+    if kernels is None or spec.resamples == 0:
         return None
-    x, y = features_1.to(torch.float64), features_2.to(torch.float64)
-    dim = x.shape[1]
-    k_xx, k_xy, k_yy = ((a @ b.T / dim + 1) ** 3 for a, b in ((x, x), (x, y), (y, y)))
-    n2 = len(y)
-    term_yy = float((k_yy.sum() - k_yy.diagonal().sum()) / (n2 * (n2 - 1)))
-
-    def mmd2(indices: torch.Tensor) -> float:
-        distinct = indices[:, None] != indices[None, :]
-        return float(k_xx[indices][:, indices][distinct].mean()) + term_yy - 2.0 * float(k_xy[indices].mean())
-
-    return bootstrap_interval(mmd2, len(x), spec, estimate)
+    n1, n2 = kernels.xy.shape
+    term_yy = float((kernels.yy.sum() - kernels.yy.diagonal().sum()) / (n2 * (n2 - 1)))
+    counts = torch.stack([torch.bincount(i, minlength=n1) for i in resample_indices(n1, spec)]).to(torch.float64)
+    same = (counts**2).sum(1)
+    within = ((counts @ kernels.xx) * counts).sum(1) - (counts**2) @ kernels.xx.diagonal()
+    across = counts @ kernels.xy.sum(1)
+    mmd2 = within / (n1 * n1 - same) + term_yy - 2.0 * across / (n1 * n2)
+    return bootstrap_interval_of(mmd2.numpy(), spec, estimate)
 
 
 def inception_score(logits: torch.Tensor) -> tuple[float, float]:
@@ -345,7 +394,8 @@ def load_reference_statistics(cache_dir: Path, source: FidelitySetup | str, extr
         cached = _read_reference(path)
         if {k: cached.key.get(k) for k in wanted} == wanted:
             return cached
-    reference = compute_reference_statistics(setup, weights, device)
+    with accounting.timed("metrics"):
+        reference = compute_reference_statistics(setup, weights, device)
     _write_reference(path, reference)
     return reference
 
@@ -476,12 +526,13 @@ class KID(Metric):
         setup = setup_of(ctx)
         layer = setup.layer("kid")
         samples, ref = features[layer], _reference_features(reference, layer, "kid")
-        mean, std = kernel_distance(samples, ref)
-        interval = kid_bootstrap(samples, ref, mean, setup.bootstrap)
+        kernels = PolyKernels.of(samples, ref) if full_kernels_fit(len(samples), len(ref)) else None
+        mean, std = kernel_distance(samples, ref, kernels)
+        interval = kid_bootstrap(kernels, mean, setup.bootstrap)
         return _value(mean, interval, {
             **provenance, "feature_layer": layer, "reference": ref_provenance, "std": std, "subsets": KID_SUBSETS,
             "subset_size": kid_subset_size(len(samples), len(ref)), "rng_seed": RNG_SEED,
-            "estimator": "torch-fidelity kid_features_to_metric",
+            "estimator": "torch-fidelity's kid_features_to_metric (same subsets), summed in float64",
             "bootstrap": {**setup.bootstrap.provenance(), "statistic": "unbiased MMD^2 of each whole resample"}})
 
 
