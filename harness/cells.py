@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +12,15 @@ import torch
 
 from harness import prepared
 from harness.config import config_hash
+from harness.flops import flops_per_call
+from harness.memory import PeakMemory
 from harness.methods import make_sampler
 from harness.models import load_denoiser, resolve_device
 from harness.models.base import Denoiser
 from harness.nfe import CountingDenoiser
 from harness.noise import SampleNoise
 from harness.provenance import environment
+from harness.threads import threads_for_work, use_threads
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Generated:
     noise: np.ndarray  # float32 [S, ...] the standard normal draws the sampler started from
     nfe_measured: float
     wall_s: float
+    network_s: float  # of wall_s, inside denoiser calls
     status: str  # ok | diverged
     latents: np.ndarray | None = None  # latent models: float32 [S, ...] before decode (mse_ref's space)
 
@@ -52,8 +55,8 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
         noises.append(noise.float().cpu().numpy())
     samples = np.concatenate(outs)
     status = "ok" if np.isfinite(samples).all() else "diverged"
-    return Generated(samples, np.concatenate(noises), counted.nfe_per_sample(num_samples), wall, status,
-                     np.concatenate(latents) if info.latent else None)
+    return Generated(samples, np.concatenate(noises), counted.nfe_per_sample(num_samples), wall, counted.network_s,
+                     status, np.concatenate(latents) if info.latent else None)
 
 
 def _plain_number(value: float) -> int | float:
@@ -85,12 +88,11 @@ def run_cell(
     sampler = make_sampler(method_spec)
     sampler.check_nfe(nfe)  # fail before loading a model
     prepared_record = prepared.load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe)
-    denoiser = load_denoiser(model_spec, device)
-    batch_size = min(batch_size or model_spec.get("batch_size", 250), num_samples)  # the batch that runs
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-    result = generate(denoiser, sampler, nfe, seed, num_samples, batch_size)
+    with PeakMemory(device) as peak:
+        denoiser = load_denoiser(model_spec, device)
+        batch_size = min(batch_size or model_spec.get("batch_size", 250), num_samples)  # the batch that runs
+        threads = choose_threads(denoiser, batch_size)
+        result = generate(denoiser, sampler, nfe, seed, num_samples, batch_size)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # metrics of samples this run replaces would otherwise be reported as this cell's
@@ -101,7 +103,6 @@ def run_cell(
     if result.latents is not None:
         arrays["latents"] = result.latents
     np.savez(out_dir / "samples.npz", **arrays)
-    peak_mb, peak_kind = _peak_memory_mb(device)
     cell = {
         "model": model_id,
         "method": method_id,
@@ -113,7 +114,9 @@ def run_cell(
         "seed": seed,
         "batch_size": batch_size,
         "wall_s": result.wall_s,
-        "peak_mem_mb": peak_mb,
+        "network_s": result.network_s,  # of wall_s, the time inside denoiser calls
+        "threads": threads,
+        "peak_mem_mb": peak.mb,
         "status": result.status,
         "prepared": prepared_record,  # side data made in its own job, and what it cost
         "provenance": {
@@ -121,7 +124,7 @@ def run_cell(
             "model_spec": model_spec,
             "method_spec": method_spec,
             "process": denoiser.process.describe(),
-            "peak_mem_kind": peak_kind,
+            "peak_mem_kind": peak.kind,
             **environment(device),
         },
     }
@@ -129,13 +132,16 @@ def run_cell(
     return cell
 
 
+def choose_threads(denoiser: Denoiser, batch_size: int) -> int | None:
+    """CPU threads for this cell's work (harness.threads), from the FLOPs of one denoiser call at the batch
+    size; set for the rest of the job. None on a GPU, where the CPU only launches kernels."""
+    if torch.device(denoiser.info.device).type != "cpu":
+        return None
+    threads = threads_for_work(flops_per_call(denoiser, batch_size))
+    use_threads(threads)
+    return threads
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def _peak_memory_mb(device) -> tuple[float, str]:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
-    # CPU: the process's peak resident set (Linux reports KiB), imports and model included.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"

@@ -56,6 +56,8 @@ def environment(device) -> dict:
         "python": platform.python_version(),
         "host": platform.node(),
     }
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # the GPU slot a workflow job was given
+        env["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     if os.environ.get("SLURM_JOB_ID"):  # which cluster job made this, to find its log and accounting
         env["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     return env
