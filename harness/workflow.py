@@ -52,6 +52,23 @@ class Plan:
             jobs.setdefault(path, cell)
         return jobs
 
+    # The rules for cached files match them by path; what makes each is looked up here.
+    def prepare_job(self, path) -> tuple[str, str, int]:
+        """(model, method, NFE) whose preparation writes `path`."""
+        return _planned(self.prepare_jobs(), path, "prepared artifact")
+
+    def refstats_job(self, path) -> tuple[str, list[Path]]:
+        """(a model whose reference data it describes, the built extractor weights it needs)."""
+        return _planned(self.refstats, path, "reference statistics file")
+
+    def reference_job(self, path) -> tuple[str, str, int]:
+        """(model, kind, seed) of a reference solution file."""
+        return _planned({file: key for key, file in self.references.items()}, path, "reference solution")
+
+    def untracked_refstats_args(self, wildcards, output) -> str:
+        """--models-file and --cache-dir for refstats, untracked as `untracked_common_args` is."""
+        return f"--models-file {self.models_file} --cache-dir {self.cache_dir}"
+
     @property
     def config_file_args(self) -> str:
         return f"--models-file {self.models_file} --methods-file {self.methods_file}"
@@ -132,6 +149,13 @@ def plan(config: dict) -> Plan:
                     needs.append(path)
             result.eval_inputs[(model_id, seed)] = sorted(set(needs))
     return result
+
+
+def _planned(table: dict, path, what: str):
+    found = table.get(Path(path))
+    if found is None:
+        raise StepbenchError(f"{path}: no {what} of this name in the grid's plan (a file from another grid?)")
+    return found
 
 
 def _fidelity_inputs(result: Plan, cache_dir: Path, model_id: str, spec: dict) -> list[Path]:

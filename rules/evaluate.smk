@@ -15,9 +15,11 @@ rule evaluate:
     wildcard_constraints:
         nfe=r"\d+",
         seed=r"\d+",
+    resources:
+        gpu=0,  # 1 in the profiles: a job that runs a network gets a GPU of its own
     log:
         f"{RESULTS}/logs/evaluate/{{model}}__{{method}}__nfe{{nfe}}__seed{{seed}}.log",
     conda:
         "envs/stepbench.yaml"
     shell:
-        "stepbench evaluate {params.out} {params.common} > {log} 2>&1"
+        "stepbench-job --gpus {resources.gpu} evaluate {params.out} {params.common} > {log} 2>&1"

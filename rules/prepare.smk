@@ -1,23 +1,24 @@
 # Prepared artifacts: a method's side data (statistics, fitted ratios, searched schedules), one job
-# per (model, method[, NFE]), cached; sampling jobs only load them.
+# per (model, method[, NFE]), cached; sampling jobs only load them. The file names are content keys the
+# harness computes (harness.prepared.artifact_path); the plan says which (model, method, NFE) makes each.
 
 
-for _path, (_model, _method, _nfe) in PLAN.prepare_jobs().items():
-
-    rule:
-        name:
-            f"prepare_{_model}_{_method}_{_nfe}".replace("-", "_").replace(".", "_")
-        output:
-            _path,
-        params:
-            model=_model,
-            method=_method,
-            nfe=_nfe,
-            common=COMMON,
-        log:
-            f"{RESULTS}/logs/prepare/{_model}__{_method}__nfe{_nfe}.log",
-        conda:
-            "envs/stepbench.yaml"
-        shell:
-            "stepbench prepare --model {params.model} --method {params.method} --nfe {params.nfe}"
-            " {params.common} > {log} 2>&1"
+rule prepare:
+    output:
+        f"{CACHE}/prepared/{{model}}/{{artifact}}.pt",
+    params:
+        method=lambda wc, output: PLAN.prepare_job(output[0])[1],
+        nfe=lambda wc, output: PLAN.prepare_job(output[0])[2],
+        common=COMMON,
+    wildcard_constraints:
+        model=r"[^/]+",
+        artifact=r"[^/]+",
+    resources:
+        gpu=0,  # 1 in the profiles: a job that runs a network gets a GPU of its own
+    log:
+        f"{RESULTS}/logs/prepare/{{model}}__{{artifact}}.log",
+    conda:
+        "envs/stepbench.yaml"
+    shell:
+        "stepbench-job --gpus {resources.gpu} prepare --model {wildcards.model} --method {params.method}"
+        " --nfe {params.nfe} {params.common} > {log} 2>&1"

@@ -1,47 +1,46 @@
 # Cached reference work: dataset statistics per (dataset, extractor) and reference solutions per
 # (model, seeds) for exact_err / mse_ref. Paths come from the harness, so `stepbench evaluate`
-# outside the workflow finds the same files.
+# outside the workflow finds the same files; the plan says what makes each.
 
 
-for _path, (_model, _extractor_weights) in PLAN.refstats.items():
+rule refstats:
+    input:
+        lambda wc: PLAN.refstats_job(f"{CACHE}/refstats/{wc.name}.npz")[1],  # a built extractor's weights
+    output:
+        f"{CACHE}/refstats/{{name}}.npz",
+    params:
+        model=lambda wc, output: PLAN.refstats_job(output[0])[0],
+        files=PLAN.untracked_refstats_args,
+    wildcard_constraints:
+        name=r"[^/]+",
+    resources:
+        gpu=0,  # 1 in the profiles: a job that runs a network gets a GPU of its own
+    log:
+        f"{RESULTS}/logs/refstats/{{name}}.log",
+    conda:
+        "envs/stepbench.yaml"
+    shell:
+        "stepbench-job --gpus {resources.gpu} refstats --model {params.model} {params.files}"
+        " > {log} 2>&1"
 
-    rule:
-        name:
-            f"refstats_{_path.stem}".replace("-", "_").replace(".", "_")
-        input:
-            _extractor_weights,
-        output:
-            _path,
-        params:
-            model=_model,
-            models_file=PLAN.models_file,
-            cache=CACHE,
-        log:
-            f"{RESULTS}/logs/refstats_{_path.stem}.log",
-        conda:
-            "envs/stepbench.yaml"
-        shell:
-            "stepbench refstats --model {params.model} --models-file {params.models_file} --cache-dir {params.cache}"
-            " > {log} 2>&1"
 
-
-for (_model, _kind, _seed), _path in PLAN.references.items():
-
-    rule:
-        name:
-            f"reference_{_kind}_{_model}_seed{_seed}".replace("-", "_")
-        output:
-            _path,
-        params:
-            model=_model,
-            kind=_kind,
-            num_samples=PLAN.num_samples[_model],
-            seed=_seed,
-            common=COMMON,
-        log:
-            f"{RESULTS}/logs/reference_{_kind}_{_model}_seed{_seed}.log",
-        conda:
-            "envs/stepbench.yaml"
-        shell:
-            "stepbench reference --model {params.model} --kind {params.kind}"
-            " --num-samples {params.num_samples} --seed {params.seed} {params.common} > {log} 2>&1"
+rule reference:
+    output:
+        f"{CACHE}/references/{{model}}/{{kind}}-{{key}}.npz",
+    params:
+        seed=lambda wc, output: PLAN.reference_job(output[0])[2],
+        num_samples=lambda wc: PLAN.num_samples[wc.model],
+        common=COMMON,
+    wildcard_constraints:
+        model=r"[^/]+",
+        kind=r"exact|solver",
+        key=r"[0-9a-f]+",
+    resources:
+        gpu=0,  # 1 in the profiles: a job that runs a network gets a GPU of its own
+    log:
+        f"{RESULTS}/logs/reference/{{model}}__{{kind}}-{{key}}.log",
+    conda:
+        "envs/stepbench.yaml"
+    shell:
+        "stepbench-job --gpus {resources.gpu} reference --model {wildcards.model} --kind {wildcards.kind}"
+        " --num-samples {params.num_samples} --seed {params.seed} {params.common} > {log} 2>&1"

@@ -35,4 +35,4 @@ rule report:
     conda:
         "envs/stepbench.yaml"
     shell:
-        "stepbench report {params.results} --out {params.out} --grid {input.grid} {params.files} > {log} 2>&1"
+        "stepbench-job report {params.results} --out {params.out} --grid {input.grid} {params.files} > {log} 2>&1"

@@ -15,10 +15,12 @@ rule sample:
     wildcard_constraints:
         nfe=r"\d+",
         seed=r"\d+",
+    resources:
+        gpu=0,  # 1 in the profiles: a job that runs a network gets a GPU of its own
     log:
         f"{RESULTS}/logs/sample/{{model}}__{{method}}__nfe{{nfe}}__seed{{seed}}.log",
     conda:
         "envs/stepbench.yaml"
     shell:
-        "stepbench sample --model {wildcards.model} --method {wildcards.method} --nfe {wildcards.nfe}"
-        " --out {params.out} --num-samples {params.num_samples} --seed {wildcards.seed} {params.common} > {log} 2>&1"
+        "stepbench-job --gpus {resources.gpu} sample --model {wildcards.model} --method {wildcards.method}"
+        " --nfe {wildcards.nfe} --out {params.out} --num-samples {params.num_samples} --seed {wildcards.seed} {params.common} > {log} 2>&1"

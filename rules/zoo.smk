@@ -1,19 +1,18 @@
 # Embedded artifacts trained on CPU and cached: feature extractors for offline metrics.
 
 
-for _name, _path in PLAN.extractors.items():
-
-    rule:
-        name:
-            f"extractor_{_name}"
-        output:
-            _path,
-        params:
-            name=_name,
-            cache=CACHE,
-        log:
-            f"{RESULTS}/logs/extractor_{_name}.log",
-        conda:
-            "envs/stepbench.yaml"
-        shell:
-            "stepbench extractor {params.name} --cache-dir {params.cache} > {log} 2>&1"
+rule extractor:
+    output:
+        f"{CACHE}/extractors/{{name}}.pt",
+    params:
+        cache=CACHE,
+    wildcard_constraints:
+        name="|".join(PLAN.extractors) or "(none)",
+    resources:
+        gpu=0,  # 1 in the profiles: a job that runs a network gets a GPU of its own
+    log:
+        f"{RESULTS}/logs/extractor_{{name}}.log",
+    conda:
+        "envs/stepbench.yaml"
+    shell:
+        "stepbench-job --gpus {resources.gpu} extractor {wildcards.name} --cache-dir {params.cache} > {log} 2>&1"
