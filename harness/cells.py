@@ -12,7 +12,6 @@ import torch
 
 from harness import prepared
 from harness.config import config_hash
-from harness.flops import flops_per_call
 from harness.memory import PeakMemory
 from harness.methods import make_sampler
 from harness.models import load_denoiser, resolve_device
@@ -88,10 +87,11 @@ def run_cell(
     sampler = make_sampler(method_spec)
     sampler.check_nfe(nfe)  # fail before loading a model
     prepared_record = prepared.load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe)
+    batch_size = min(batch_size or model_spec.get("batch_size", 250), num_samples)  # the batch that runs
     with PeakMemory(device) as peak:
         denoiser = load_denoiser(model_spec, device)
-        batch_size = min(batch_size or model_spec.get("batch_size", 250), num_samples)  # the batch that runs
-        threads = choose_threads(denoiser, batch_size)
+        flops = flops_of_model(cache_dir, model_id, model_spec, batch_size, denoiser)
+        threads = choose_threads(denoiser, flops["flops_per_call"])
         result = generate(denoiser, sampler, nfe, seed, num_samples, batch_size)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +115,7 @@ def run_cell(
         "batch_size": batch_size,
         "wall_s": result.wall_s,
         "network_s": result.network_s,  # of wall_s, the time inside denoiser calls
+        "gflops_per_sample": result.nfe_measured * flops["flops_per_row"] / 1e9,  # audited calls x measured FLOPs
         "threads": threads,
         "peak_mem_mb": peak.mb,
         "status": result.status,
@@ -132,12 +133,22 @@ def run_cell(
     return cell
 
 
-def choose_threads(denoiser: Denoiser, batch_size: int) -> int | None:
+def flops_of_model(cache_dir, model_id: str, model_spec: dict, batch_size: int, denoiser) -> dict:
+    """The model's measured FLOPs per call at this batch size (harness.flops), from the cache the workflow's
+    flops job fills, or measured here (and cached, given a cache)."""
+    from harness import flops
+
+    if cache_dir is None:
+        return flops.measure(denoiser, batch_size)
+    return flops.load_or_measure(cache_dir, model_id, model_spec, batch_size, denoiser)
+
+
+def choose_threads(denoiser: Denoiser, flops_per_call: float) -> int | None:
     """CPU threads for this cell's work (harness.threads), from the FLOPs of one denoiser call at the batch
     size; set for the rest of the job. None on a GPU, where the CPU only launches kernels."""
     if torch.device(denoiser.info.device).type != "cpu":
         return None
-    threads = threads_for_work(flops_per_call(denoiser, batch_size))
+    threads = threads_for_work(flops_per_call)
     use_threads(threads)
     return threads
 

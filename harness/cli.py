@@ -141,6 +141,28 @@ def reference(model_id, kind, num_samples, seed, models_file, methods_file, cach
 
 
 @cli.command()
+@click.option("--model", "model_id", required=True, help="Model id from the models file.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Batch of the measured call [default: the model's batch_size].")
+@models_file_opt
+@cache_opt
+@device_opt
+def flops(model_id, batch_size, models_file, cache_dir, device):
+    """Measure (or find cached) the FLOPs of one call of the model's network at its batch size; print the file.
+
+    Example: stepbench flops --model digits-ideal
+    """
+    from harness import flops as flop_count
+    from harness.config import load_models, lookup
+    from harness.models import resolve_device
+
+    spec = lookup(load_models(models_file), model_id, models_file, "model")
+    batch = batch_size or spec.get("batch_size", 250)
+    flop_count.load_or_measure(cache_dir, model_id, spec, batch, device=resolve_device(device))
+    click.echo(flop_count.flops_path(cache_dir, model_id, spec, batch))
+
+
+@cli.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Report directory.")
 @click.option("--grid", "grid_file", type=click.Path(path_type=Path), default=None,

@@ -15,6 +15,7 @@ from harness.cells import cell_config_hash
 from harness.config import config_hash, load_methods, load_models
 from harness.grid import GridCell, expand_grid, grid_seeds
 from harness.errors import ConfigError, StepbenchError
+from harness.flops import flops_path
 from harness.methods import make_sampler
 from harness.models import check_model
 
@@ -38,6 +39,7 @@ class Plan:
     refstats: dict[Path, tuple[str, list[Path]]] = field(default_factory=dict)
     eval_inputs: dict[tuple[str, int], list[Path]] = field(default_factory=dict)  # (model, seed) -> cached files
     prepared: dict[tuple[str, str, int], Path] = field(default_factory=dict)  # cell -> its method's side data
+    flops: dict[Path, tuple[str, int]] = field(default_factory=dict)  # FLOP count file -> (model, batch size)
     model_specs: dict[str, dict] = field(default_factory=dict)  # the grid's models, as models.yaml has them
     method_specs: dict[str, dict] = field(default_factory=dict)  # the grid's methods, as methods.yaml has them
 
@@ -65,8 +67,15 @@ class Plan:
         """(model, kind, seed) of a reference solution file."""
         return _planned({file: key for key, file in self.references.items()}, path, "reference solution")
 
-    def untracked_refstats_args(self, wildcards, output) -> str:
-        """--models-file and --cache-dir for refstats, untracked as `untracked_common_args` is."""
+    def flops_job(self, path) -> tuple[str, int]:
+        """(model, batch size) whose FLOPs per call a file holds."""
+        return _planned(self.flops, path, "FLOP count")
+
+    def flops_for(self, model: str) -> Path:
+        return next(path for path, (m, _) in self.flops.items() if m == model)
+
+    def untracked_model_args(self, wildcards, output) -> str:
+        """--models-file and --cache-dir for the per-model jobs (refstats, flops), untracked as `untracked_common_args` is."""
         return f"--models-file {self.models_file} --cache-dir {self.cache_dir}"
 
     @property
@@ -134,6 +143,8 @@ def plan(config: dict) -> Plan:
             result.prepared[(cell.model, cell.method, cell.nfe)] = path
     for model_id in model_ids:
         spec = models[model_id]
+        batch = min(spec.get("batch_size", 250), result.num_samples[model_id])  # as harness.cells runs it
+        result.flops[flops_path(cache_dir, model_id, spec, batch)] = (model_id, batch)
         shared: list[Path] = []  # the same for every seed
         for metric in spec["metrics"]:
             if metric in FIDELITY_METRICS:

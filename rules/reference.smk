@@ -10,7 +10,7 @@ rule refstats:
         f"{CACHE}/refstats/{{name}}.npz",
     params:
         model=lambda wc, output: PLAN.refstats_job(output[0])[0],
-        files=PLAN.untracked_refstats_args,
+        files=PLAN.untracked_model_args,
     wildcard_constraints:
         name=r"[^/]+",
     resources:
@@ -44,3 +44,23 @@ rule reference:
     shell:
         "stepbench-job --gpus {resources.gpu} reference --model {wildcards.model} --kind {wildcards.kind}"
         " --num-samples {params.num_samples} --seed {params.seed} {params.common} > {log} 2>&1"
+
+
+rule flops:
+    output:
+        f"{CACHE}/flops/{{name}}.json",
+    params:
+        model=lambda wc, output: PLAN.flops_job(output[0])[0],
+        batch=lambda wc, output: PLAN.flops_job(output[0])[1],
+        files=PLAN.untracked_model_args,
+    wildcard_constraints:
+        name=r"[^/]+",
+    resources:
+        gpu=0,  # 1 in the profiles: a job that runs a network gets a GPU of its own
+    log:
+        f"{RESULTS}/logs/flops/{{name}}.log",
+    conda:
+        "envs/stepbench.yaml"
+    shell:
+        "stepbench-job --gpus {resources.gpu} flops --model {params.model} --batch-size {params.batch} {params.files}"
+        " > {log} 2>&1"

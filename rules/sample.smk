@@ -4,6 +4,7 @@
 rule sample:
     input:
         prepared=lambda wc: PLAN.prepared_for(wc.model, wc.method, wc.nfe),
+        flops=lambda wc: PLAN.flops_for(wc.model),
     output:
         samples=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/seed{{seed}}/samples.npz",
         cell=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/seed{{seed}}/cell.json",
