@@ -114,12 +114,12 @@ def main() -> None:
         print(f"wall_s={wall:.1f}")
 
         cells = sorted((checkout / "results" / "cells").glob("*/*/*/seed*"))
-        probes = {"sample": ["sample", "--model", "gmm2d", "--method", "euler", "--nfe", "4", "--num-samples", "8",
-                             "--out", str(scratch / "probe"), "--cache-dir", str(scratch / "probe-cache")]}
+        cache = str(checkout / "results" / "cache")  # the grid's: a cell finds its model's FLOP count there
+        probes = {"sample": ["sample", "--model", "gmm2d", "--method", "euler", "--nfe", "4", "--num-samples", "1000",
+                             "--out", str(scratch / "probe"), "--cache-dir", cache]}
         digits = [c for c in cells if c.parts[-4] == "digits-ideal"]
         if digits:
-            probes["evaluate"] = ["evaluate", str(digits[0]), "--cache-dir", str(checkout / "results" / "cache"),
-                                  "--metrics", "fid,kid,is"]
+            probes["evaluate"] = ["evaluate", str(digits[0]), "--cache-dir", cache, "--metrics", "fid,kid,is"]
         probes["report"] = ["report", str(checkout / "results"), "--out", str(scratch / "probe-report")]
         for kind, argv in probes.items():
             seconds, heavy = import_seconds(checkout, argv, env)

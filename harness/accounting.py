@@ -52,6 +52,6 @@ def write_ledger(argv: list[str], wall_s: float, status: int) -> None:
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
     record = {"command": argv[:1], "argv": argv, "wall_s": wall_s, "status": status, "useful_s": totals(),
-              "pid": os.getpid()}
+              "pid": os.getpid(), "end": time.time()}
     name = f"{time.time_ns()}-{os.getpid()}.json"
     (Path(folder) / name).write_text(json.dumps(record))

@@ -10,8 +10,8 @@ VmHWM). On CUDA it is torch's peak of allocated memory during the work.
 from __future__ import annotations
 
 import ctypes
-import gc
 import resource
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -29,7 +29,6 @@ class PeakMemory:
         self.kind = ""
 
     def __enter__(self) -> "PeakMemory":
-        gc.collect()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             return self
@@ -48,10 +47,18 @@ class PeakMemory:
 
 
 def _return_freed_heap() -> None:
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@lru_cache(maxsize=1)
+def _glibc():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc
+        return None
 
 
 def _reset_peak_rss() -> bool:

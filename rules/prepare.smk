@@ -4,6 +4,7 @@
 
 
 rule prepare:
+    priority: 10
     output:
         f"{CACHE}/prepared/{{model}}/{{artifact}}.pt",
     params:

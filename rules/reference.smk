@@ -1,9 +1,11 @@
 # Cached reference work: dataset statistics per (dataset, extractor) and reference solutions per
 # (model, seeds) for exact_err / mse_ref. Paths come from the harness, so `stepbench evaluate`
-# outside the workflow finds the same files; the plan says what makes each.
+# outside the workflow finds the same files; the plan says what makes each. Cached work runs first
+# (priority): cells' metrics wait for it, and a long reference solution should not start last.
 
 
 rule refstats:
+    priority: 10
     input:
         lambda wc: PLAN.refstats_job(f"{CACHE}/refstats/{wc.name}.npz")[1],  # a built extractor's weights
     output:
@@ -25,6 +27,7 @@ rule refstats:
 
 
 rule reference:
+    priority: 10
     output:
         f"{CACHE}/references/{{model}}/{{kind}}-{{key}}.npz",
     params:
@@ -47,6 +50,7 @@ rule reference:
 
 
 rule flops:
+    priority: 10
     output:
         f"{CACHE}/flops/{{name}}.json",
     params:

@@ -2,6 +2,7 @@
 
 
 rule extractor:
+    priority: 10
     output:
         f"{CACHE}/extractors/{{name}}.pt",
     params:
