@@ -10,9 +10,10 @@ import yaml
 
 from snakemake.utils import min_version, validate
 
+from harness.config import load_yaml
 from harness.errors import StepbenchError
 from harness.grid import check_grid
-from harness.workflow import failed_job_lines, plan
+from harness.workflow import failed_job_lines, forget_run, plan, record_run, stale_lock_line
 
 min_version("8.0")
 
@@ -36,6 +37,8 @@ for _arg in workflow.config_settings.config_args or []:
 
 try:
     # our check first: one line naming the file and key, where Snakemake's validate prints the schema
+    for _file in workflow.overwrite_configfiles:  # Snakemake's reading lets a key given twice win silently
+        load_yaml(_file)
     grid_source = ", ".join(map(str, workflow.overwrite_configfiles)) or "profiles/default/grid.yaml"
     check_grid(config, grid_source + (" with --config" if workflow.config_settings.config_args else ""))
     validate(config, "harness/schemas/grid.schema.yaml")  # fills the schema's defaults
@@ -43,12 +46,30 @@ try:
 except StepbenchError as err:  # bad config: one line, no traceback
     sys.exit(f"stepbench: error: {err}")
 
+if workflow.is_main_process:  # not again in each cluster job: the submitting process checked
+    for _line in PLAN.mark_damaged_cells():  # damaged cells and stale metrics are recomputed, never reported
+        print(_line, file=sys.stderr)
+
 RESULTS = PLAN.results_dir
 CACHE = PLAN.cache_dir
 COMMON = PLAN.untracked_common_args  # --models-file/--methods-file/--cache-dir for cell-level CLI calls
 
 
+# A run killed outright leaves Snakemake's lock: say so in one line, with what to do (not under --unlock itself)
+if workflow.is_main_process and "--unlock" not in sys.argv and (_stale := stale_lock_line()):
+    sys.exit(_stale)
+
+
+onstart:
+    record_run()
+
+
+onsuccess:
+    forget_run()
+
+
 onerror:
+    forget_run()
     # each failed job's own one-line error, after Snakemake's report (which only points to the job's log)
     for _line in failed_job_lines(log):
         print(_line, file=sys.stderr)

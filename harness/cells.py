@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from harness import prepared
 from harness.config import config_hash
+from harness.files import save_npz, sha256_file, write_json
 from harness.memory import PeakMemory
 from harness.methods import make_sampler
 from harness.models import load_denoiser, resolve_device
@@ -102,7 +102,7 @@ def run_cell(
         arrays["noise"] = result.noise
     if result.latents is not None:
         arrays["latents"] = result.latents
-    np.savez(out_dir / "samples.npz", **arrays)
+    save_npz(out_dir / "samples.npz", **arrays)
     cell = {
         "model": model_id,
         "method": method_id,
@@ -119,6 +119,7 @@ def run_cell(
         "threads": threads,
         "peak_mem_mb": peak.mb,
         "status": result.status,
+        "samples_sha256": sha256_file(out_dir / "samples.npz"),  # what evaluate and the report check it against
         "prepared": prepared_record,  # side data made in its own job, and what it cost
         "provenance": {
             "config_hash": cell_config_hash(model_spec, method_spec, nfe, seed, num_samples),
@@ -129,7 +130,7 @@ def run_cell(
             **environment(device),
         },
     }
-    (out_dir / "cell.json").write_text(json.dumps(cell, indent=2, default=str))
+    write_json(out_dir / "cell.json", cell)  # last: a cell.json means a complete cell
     return cell
 
 

@@ -250,6 +250,40 @@ def refstats(model_id, dataset, extractor_name, models_file, cache_dir):
         raise StepbenchError("stepbench refstats: give --model, or --dataset with --extractor")
 
 
+@cli.command("run", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                      "help_option_names": []})
+@click.argument("snakemake_args", nargs=-1, type=click.UNPROCESSED)
+def run_workflow(snakemake_args):
+    """`snakemake SNAKEMAKE_ARGS...`, after checking the grid files it is given (--configfile): a missing or
+    malformed one is one line here, where Snakemake itself fails with a traceback before the workflow starts.
+
+    Example: stepbench run --cores all --configfile my-grid.yaml
+    """
+    from harness.grid import load_grid
+
+    for path in configfiles(list(snakemake_args)):
+        load_grid(path)  # found, well-formed YAML, no key twice, the grid schema
+    snakemake = Path(sys.executable).with_name("snakemake")
+    executable = str(snakemake) if snakemake.exists() else "snakemake"
+    os.execvp(executable, [executable, *snakemake_args])
+
+
+def configfiles(args: list[str]) -> list[str]:
+    """The values of --configfile/--configfiles in a Snakemake command line (each takes one or more files)."""
+    files, taking = [], False
+    for arg in args:
+        if arg.startswith(("--configfile=", "--configfiles=")):
+            files.append(arg.split("=", 1)[1])
+            taking = False
+        elif arg in ("--configfile", "--configfiles"):
+            taking = True
+        elif taking and not arg.startswith("-"):
+            files.append(arg)
+        else:
+            taking = False
+    return files
+
+
 def run(argv: list[str]) -> int:
     """Run one stepbench command; its exit status. Bad input is one line on stderr, never a traceback."""
     from harness import accounting

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,17 +25,65 @@ def schema(name: str) -> dict:
     return yaml.safe_load((SCHEMA_DIR / f"{name}.schema.yaml").read_text())
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first_line: int, second_line: int):
+        super().__init__(f"key {key!r} appears twice, at lines {first_line} and {second_line}")
+
+
+class StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where installed
+    """yaml.safe_load's loader, but a key given twice in one mapping is an error instead of the last one
+    silently winning (a grid with `nfe:` twice would run the second list only)."""
+
+
+def _strict_mapping(loader, node, deep=False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise _DuplicateKey(key, seen[key], line)
+        seen[key] = line
+    return yaml.constructor.SafeConstructor.construct_mapping(loader, node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def parse_yaml(text: str, source: str | Path) -> object:
+    """YAML (StrictLoader), or one line naming `source`, where and what is wrong."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
+
+
 def load_yaml(path: str | Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: unreadable ({type(err).__name__})") from None
+    return parse_yaml(text, path)
+
+
+@contextmanager
+def in_file(path: str | Path):
+    """A ConfigError about a key of an entry ('key \'x.y\': ...') names the file the entry was read from."""
+    try:
+        yield
+    except ConfigError as err:
+        if str(err).startswith("key "):
+            raise ConfigError(f"{path}: {err}") from None
+        raise
 
 
 def validate(data: object, schema_name: str, path: str | Path) -> None:
@@ -58,10 +107,14 @@ def load_models(path: str | Path = "models.yaml") -> dict[str, dict]:
     from harness.metrics import METRICS
     from harness.models import MODELS
 
+    from harness.datasets import DATASETS
+
     data = load_yaml(path)
     validate(data, "models", path)
     for model_id, spec in data.items():
         _check_choice(path, f"{model_id}.adapter", spec["adapter"], MODELS.names())
+        if "dataset" in spec:
+            _check_choice(path, f"{model_id}.dataset", spec["dataset"], list(DATASETS))
         for i, metric in enumerate(spec["metrics"]):
             _check_choice(path, f"{model_id}.metrics.{i}", metric, METRICS.names())
     return data
@@ -115,7 +168,8 @@ def load_methods(path: str | Path = "methods.yaml") -> MethodTable:
 
 def lookup(table: dict[str, dict], item_id: str, path: str | Path, what: str) -> dict:
     if item_id not in table:
-        raise ConfigError(f"{path}: no {what} {item_id!r}{valid_names(item_id, table)}")
+        see = "`stepbench methods`" if what == "method" else str(path)
+        raise ConfigError(f"{path}: no {what} {item_id!r}{valid_names(item_id, table, see)}")
     if item_id in getattr(table, "unusable", {}):
         raise ConfigError(table.unusable[item_id])
     return table[item_id]

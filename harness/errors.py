@@ -19,15 +19,24 @@ class UnsupportedNFE(StepbenchError):
         self.reason = reason or message
 
 
-def valid_names(value: object, valid) -> str:
+MAX_LISTED = 15  # a longer list of valid names is cut to the nearest ones
+
+
+def valid_names(value: object, valid, see: str | None = None) -> str:
     """The tail of a message about a name not among `valid`: '; valid: a, b, ...', led by
-    ' (did you mean 'x'?)' when one valid name is a typo away from it."""
+    ' (did you mean 'x'?)' when one valid name is a typo away from it. A long list is cut to the few nearest
+    names, and `see` says where the whole list is (e.g. "`stepbench methods`")."""
     names = [str(v) for v in valid]
     word = str(value)
     allowed = max(1, len(word) // 4)  # 'dpmpp2m' -> 'dpmpp_2m', 'roh' -> 'rho'; not 'sd3' -> 'svd'
-    close = sorted((d, name) for name in names if (d := _typo_distance(word, name)) <= allowed)
+    distances = {name: _typo_distance(word, name) for name in names}
+    close = sorted((d, name) for name, d in distances.items() if d <= allowed)
     hint = f" (did you mean {close[0][1]!r}?)" if close else ""
-    return f"{hint}; valid: {', '.join(names) or 'none'}"
+    if len(names) <= MAX_LISTED:
+        return f"{hint}; valid: {', '.join(names) or 'none'}"
+    nearest = sorted(names, key=lambda name: (distances[name], name))[:5]
+    where = f"; see {see}" if see else ""
+    return f"{hint}; nearest valid: {', '.join(nearest)} ({len(names)} in all{where})"
 
 
 def _typo_distance(a: str, b: str) -> int:

@@ -2,33 +2,32 @@
 
 from __future__ import annotations
 
-import json
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from harness import accounting
 from harness.errors import StepbenchError
+from harness.files import write_json
+from harness.integrity import verified_cell
 from harness.metrics import METRICS
 from harness.metrics.base import EvalContext
 
-RESERVED_KEYS = ("ci", "provenance", "status")  # metrics.json keys that are not metric names
+RESERVED_KEYS = ("ci", "provenance", "status", "cell")  # metrics.json keys that are not metric names
 
 
 def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names: list[str], cache_dir: Path,
                   device: str = "cpu") -> dict:
     cell_dir = Path(cell_dir)
-    for name in ("cell.json", "samples.npz"):
-        if not (cell_dir / name).is_file():
-            raise StepbenchError(f"{cell_dir / name}: file not found (run `stepbench sample` first)")
-    cell = json.loads((cell_dir / "cell.json").read_text())
-    with np.load(cell_dir / "samples.npz") as arrays:
-        samples = arrays["samples"]
-        latents = arrays["latents"] if "latents" in arrays.files else None  # latent models only
+    cell = verified_cell(cell_dir)  # the samples are the ones cell.json describes, or one line says why not
+    samples, latents = read_samples(cell_dir / "samples.npz")
     metric_classes = [METRICS.get(name) for name in metric_names]  # unknown names fail before any work
 
-    out: dict = {"status": cell["status"], "ci": {}, "provenance": {}}
+    out: dict = {"status": cell["status"], "ci": {}, "provenance": {},
+                 # the cell these numbers describe: the report shows them only while it is unchanged
+                 "cell": {"config_hash": cell["provenance"]["config_hash"], "samples_sha256": cell["samples_sha256"]}}
     ctx = EvalContext(cell_dir, cell, samples, model_spec, methods, Path(cache_dir), device, latents=latents)
     for name, cls in zip(metric_names, metric_classes):
         if cell["status"] != "ok" and name not in ("wall_s_per_sample", "peak_mem_mb"):
@@ -40,5 +39,14 @@ def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names:
         if result.ci_low is not None:
             out["ci"][name] = [result.ci_low, result.ci_high]
         out["provenance"][name] = result.provenance
-    (cell_dir / "metrics.json").write_text(json.dumps(out, indent=2, default=str))
+    write_json(cell_dir / "metrics.json", out)
     return out
+
+
+def read_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """samples (and latents, for latent models) of a samples.npz; an unreadable file is one line."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return arrays["samples"], (arrays["latents"] if "latents" in arrays.files else None)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise StepbenchError(f"{path}: unreadable samples ({type(err).__name__}: {err}); sample the cell again") from None

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from harness.config import config_hash
+from harness.files import write_json
 
 
 def flops_path(cache_dir, model_id: str, model_spec: dict, batch_size: int) -> Path:
@@ -44,8 +45,5 @@ def load_or_measure(cache_dir, model_id: str, model_spec: dict, batch_size: int,
 
         denoiser = load_denoiser(model_spec, device)
     record = measure(denoiser, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    write_json(path, record)
     return record

@@ -11,10 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from harness.config import config_hash
 from harness.errors import StepbenchError
+from harness.files import load_artifact, save_artifact
 from harness.models import load_denoiser
 from harness.nfe import CountingDenoiser
 
@@ -30,7 +29,7 @@ def artifact_path(cache_dir, model_id: str, model_spec: dict, method_id: str, me
     # the preparing code is part of the key: after a fix to it, an artifact it made before is not used again
     key = config_hash(model_spec, method_spec, key_nfe, CALIBRATION_SEED, sampler.prepare_code())
     suffix = f"-nfe{nfe}" if scope == "nfe" else ""
-    return Path(cache_dir) / "prepared" / model_id / f"{method_id}{suffix}-{key}.pt"
+    return Path(cache_dir) / "prepared" / model_id / f"{method_id}{suffix}-{key}.safetensors"
 
 
 def prepare(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe: int, device="cpu") -> Path:
@@ -42,11 +41,8 @@ def prepare(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nf
     denoiser = CountingDenoiser(load_denoiser(model_spec, device))
     t0 = time.perf_counter()
     artifact = sampler.prepare(denoiser, nfe if sampler.prepare_scope == "nfe" else None, CALIBRATION_SEED)
-    cost = {"wall_s": time.perf_counter() - t0, "denoiser_rows": denoiser.rows}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"artifact": artifact, "cost": cost}, tmp)
-    tmp.replace(path)
+    cost = {"wall_s": time.perf_counter() - t0, "denoiser_rows": denoiser.rows, "network_s": denoiser.network_s}
+    save_artifact(path, {"artifact": artifact, "cost": cost})
     return path
 
 
@@ -60,6 +56,6 @@ def load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe: 
             f"{path}: prepared artifact missing; run `stepbench prepare --model {model_id} --method {method_id}"
             f" --nfe {nfe}` first"
         )
-    saved = torch.load(path, weights_only=False)
+    saved = load_artifact(path)  # data only: a file planted in a shared cache cannot run code here
     sampler.use_prepared(saved["artifact"])
     return {"path": str(path), **saved["cost"]}

@@ -20,6 +20,7 @@ import torch
 
 from harness.config import config_hash, lookup
 from harness.errors import ConfigError, StepbenchError, valid_names
+from harness.files import save_npz
 from harness.models import load_denoiser
 from harness.nfe import CountingDenoiser
 from harness.noise import SampleNoise
@@ -46,14 +47,14 @@ def load_or_compute(cache_dir, model_id, model_spec, kind, seed, num_samples, me
     path = reference_path(cache_dir, model_id, model_spec, kind, seed, num_samples, methods)
     if not path.exists() or not _holds(path, array):  # a file from before latents were stored: recompute
         compute(path, model_id, model_spec, kind, seed, num_samples, methods, device)
-    with np.load(path) as data:
+    with np.load(path, allow_pickle=False) as data:
         if array not in data.files:
             raise StepbenchError(f"{path}: reference has no {array!r} (only latent models' solver references do)")
         return data[array]
 
 
 def _holds(path: Path, array: str) -> bool:
-    with np.load(path) as data:
+    with np.load(path, allow_pickle=False) as data:
         return array in data.files
 
 
@@ -77,10 +78,7 @@ def compute(path: Path, model_id, model_spec, kind, seed, num_samples, methods, 
             extra["latents"] = result.latents.astype(np.float32)
     else:
         raise ValueError(f"reference kind {kind!r}; valid: {KINDS}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, samples=samples.astype(np.float32), recipe=json.dumps(recipe), **extra)
-    tmp.replace(path)
+    save_npz(path, samples=samples.astype(np.float32), recipe=json.dumps(recipe), **extra)
 
 
 def _reference_method(model_id: str, model_spec: dict, methods: dict) -> dict:

@@ -6,11 +6,14 @@ computed in one place (the harness) for both the workflow and a standalone `step
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import prepared, references
+from harness import integrity, prepared, references
 from harness.cells import cell_config_hash
 from harness.config import config_hash, load_methods, load_models
 from harness.grid import GridCell, expand_grid, grid_seeds
@@ -110,6 +113,28 @@ class Plan:
     def cell_dirs(self) -> list[Path]:
         return [self.cell_dir(c.model, c.method, c.nfe, seed) for c in self.cells for seed in self.seeds]
 
+    def mark_damaged_cells(self) -> list[str]:
+        """Check every planned cell that exists (harness.integrity) and date the files of a damaged one, or the
+        stale metrics of an intact one, to the epoch, so that Snakemake recomputes them (its mtime trigger: the
+        jobs' inputs are newer). Returns one line per cell marked."""
+        memory = self.cache_dir / "integrity-hashes.json"
+        integrity.load_hash_memory(memory)
+        lines = []
+        for cell_dir in self.cell_dirs():
+            damage = integrity.cell_damage(cell_dir)
+            stale = integrity.metrics_staleness(cell_dir) if damage is None else None
+            if damage is None and stale is None:
+                continue
+            files = ("cell.json", "samples.npz", "metrics.json") if damage is not None else ("metrics.json",)
+            for name in files:
+                if (cell_dir / name).exists():
+                    integrity.mark_for_rerun(cell_dir / name)
+            what = "sampled and evaluated" if damage is not None else "evaluated"
+            lines.append(f"stepbench: cell {cell_dir}: {damage or stale[1]}; it will be {what} again")
+        if self.cache_dir.is_dir():
+            integrity.save_hash_memory(memory)
+        return lines
+
 
 def plan(config: dict) -> Plan:
     models = load_models(config["models_file"])
@@ -199,3 +224,49 @@ def failed_job_lines(snakemake_logs: str | list[str]) -> list[str]:
         last = next((line for line in reversed(job_lines) if line.strip()), "(its log is empty)")
         lines.append(f"stepbench: error: a job failed ({log}): {last.removeprefix('stepbench: error: ')}")
     return lines
+
+
+# --- a run killed outright (SIGKILL, a lost node) leaves Snakemake's lock behind ---------------------
+
+RUN_RECORD = Path(".snakemake") / "stepbench-run.json"
+LOCKS = Path(".snakemake") / "locks"
+
+
+def record_run() -> None:
+    """Called when a run starts (Snakemake's onstart, after it took its lock): which process holds the lock."""
+    RUN_RECORD.parent.mkdir(parents=True, exist_ok=True)
+    RUN_RECORD.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def forget_run() -> None:
+    """Called when a run ends by itself (onsuccess, onerror): Snakemake released its lock."""
+    RUN_RECORD.unlink(missing_ok=True)
+
+
+def stale_lock_line() -> str | None:
+    """One line saying what to do when the working directory is locked by a run whose process is gone."""
+    if not LOCKS.is_dir() or not any(LOCKS.iterdir()) or not RUN_RECORD.is_file():
+        return None
+    try:
+        holder = json.loads(RUN_RECORD.read_text())
+        pid, host = int(holder["pid"]), holder["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname() or _alive(pid):
+        return None  # another machine's run, or one still going: Snakemake's own lock message applies
+    return (f"stepbench: error: a run in this directory (pid {pid}) was killed and left Snakemake's lock; "
+            "run `snakemake --unlock`, then the same command again (finished cells are kept)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False

@@ -22,3 +22,21 @@ def repo_files(tmp_path):
     for name in ("models.yaml", "methods.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
     return tmp_path
+
+
+def write_evaluable_cell(cell_dir: Path, samples, **cell) -> Path:
+    """A cell directory as `stepbench sample` leaves it, for metric tests: samples.npz, and a cell.json that
+    records the samples' sha256 (evaluate checks it) with the given fields."""
+    import json
+
+    import numpy as np
+
+    from harness.files import sha256_file
+
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(cell_dir / "samples.npz", samples=samples)
+    record = {"status": "ok", "seed": 0, "num_samples": len(samples), **cell,
+              "samples_sha256": sha256_file(cell_dir / "samples.npz"),
+              "provenance": {"config_hash": "test", **cell.get("provenance", {})}}
+    (cell_dir / "cell.json").write_text(json.dumps(record))
+    return cell_dir

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_evaluable_cell
 from harness.datasets import load_dataset
 from harness.errors import ConfigError
 from harness.metrics.base import EvalContext
@@ -68,8 +69,7 @@ def test_resampling_is_seeded_and_percentiles_are_plain_quantiles():
 def test_evaluate_writes_intervals_to_metrics_json(cache_dir, tmp_path):
     from harness.evaluate import evaluate_cell
 
-    np.savez(tmp_path / "samples.npz", samples=noisy_digits(200))
-    (tmp_path / "cell.json").write_text(json.dumps({"model": "digits-ideal", "status": "ok"}))
+    write_evaluable_cell(tmp_path, noisy_digits(200), model="digits-ideal")
     spec = {"dataset": "digits", "feature_extractor": "digits-cnn", "bootstrap": {"resamples": 10}}
     out = evaluate_cell(tmp_path, spec, {}, ["fid", "kid", "is", "precision", "recall"], cache_dir)
     written = json.loads((tmp_path / "metrics.json").read_text())

@@ -136,7 +136,7 @@ def test_cli_sample_and_evaluate_round_trip(repo_files):
     "args, expected",
     [
         (["--model", "nope", "--method", "euler", "--nfe", "4"], "models.yaml: no model 'nope'; valid: gmm2d, digits-ideal"),
-        (["--model", "gmm2d", "--method", "nope", "--nfe", "4"], "methods.yaml: no method 'nope'; valid: euler"),
+        (["--model", "gmm2d", "--method", "nope", "--nfe", "4"], "methods.yaml: no method 'nope'; nearest valid: "),
         (["--model", "gmm2d", "--method", "heun", "--nfe", "8"], "NFE=8 cannot be met; nearest: 7, 9"),
         (["--model", "gmm2d", "--method", "euler", "--nfe", "4", "--models-file", "missing.yaml"],
          "missing.yaml: file not found"),
@@ -256,4 +256,4 @@ def test_misspelt_reference_method_names_the_model_and_the_methods_file(tmp_path
     with pytest.raises(ConfigError) as err:
         references.reference_path(tmp_path, "gmm2d", spec, "solver", 0, 10, METHODS)
     assert str(err.value).startswith(f"model 'gmm2d': key 'reference.method': 'dpmpp_2mm' is not in "
-                                     f"{REPO / 'methods.yaml'} (did you mean 'dpmpp_2m'?); valid: euler, ")
+                                     f"{REPO / 'methods.yaml'} (did you mean 'dpmpp_2m'?); nearest valid: dpmpp_2m, ")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_evaluable_cell
 from harness.config import validate
 from harness.errors import ConfigError, StepbenchError
 from harness.evaluate import evaluate_cell
@@ -218,11 +219,7 @@ def test_clip_tag_resolves_to_the_hub_cache_without_network(tmp_path, monkeypatc
 
 
 def write_cell(cell_dir: Path, model_id: str, samples: np.ndarray) -> Path:
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(cell_dir / "samples.npz", samples=samples)
-    (cell_dir / "cell.json").write_text(json.dumps({"model": model_id, "status": "ok", "seed": 0,
-                                                    "num_samples": len(samples)}))
-    return cell_dir
+    return write_evaluable_cell(cell_dir, samples, model=model_id)
 
 
 def test_clip_score_metric_end_to_end(tmp_path, clip_checkpoint):

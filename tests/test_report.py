@@ -8,37 +8,49 @@ import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+from harness.cells import cell_config_hash
 from harness.cli import cli
+from harness.config import load_methods, load_models
 from harness.errors import StepbenchError
 from harness.metrics import METRICS
 from harness.metrics.base import Metric
+from harness.files import sha256_file
 from harness.report import render_report
 
 REPO = Path(__file__).resolve().parents[1]
+MODELS, METHODS = load_models(REPO / "models.yaml"), load_methods(REPO / "methods.yaml")
 REQUIRED_COLUMNS = ["model", "method", "family", "nfe", "nfe_measured", "network_evals", "metric", "value", "ci_low",
                     "ci_high", "status", "reason", "num_samples", "seed", "wall_s", "config_hash", "device"]
 
 
 def write_cell(results: Path, model: str, method: str, nfe: int, metrics: dict | None, *, status: str = "ok",
-               nfe_measured: float | None = None, ci: dict | None = None, where: str | None = None) -> Path:
-    """A cell as `stepbench sample` + `evaluate` write it; metrics=None leaves it unevaluated."""
+               nfe_measured: float | None = None, ci: dict | None = None, where: str | None = None,
+               seed: int = 0) -> Path:
+    """A cell as `stepbench sample` + `evaluate` write it (samples hashed, metrics naming the cell, the config hash
+    of today's entries where the method exists, for 100 samples as the fixture's grid asks); metrics=None leaves it
+    unevaluated."""
     cell_dir = results / (where or f"cells/{model}/{method}/nfe{nfe}")
     cell_dir.mkdir(parents=True)
+    np.savez(cell_dir / "samples.npz", samples=np.zeros((100, 2), dtype=np.float32))
     measured = float(nfe if nfe_measured is None else nfe_measured)
+    config = (cell_config_hash(MODELS[model], METHODS[method], nfe, seed, 100) if method in METHODS
+              else f"hash-{method}-{nfe}")
     cell = {"model": model, "method": method, "family": "solver", "nfe": nfe, "nfe_measured": measured,
-            "network_evals": measured, "num_samples": 100, "seed": 0, "batch_size": 100, "wall_s": 0.5,
-            "peak_mem_mb": 300.0, "status": status,
-            "provenance": {"config_hash": f"hash-{method}-{nfe}", "device": "cpu (test)", "git": "abc123",
+            "network_evals": measured, "num_samples": 100, "seed": seed, "batch_size": 100, "wall_s": 0.5,
+            "peak_mem_mb": 300.0, "status": status, "samples_sha256": sha256_file(cell_dir / "samples.npz"),
+            "provenance": {"config_hash": config, "device": "cpu (test)", "git": "abc123",
                            "python": "3.11.7", "packages": {"torch": "2.0.0", "numpy": "1.26.0"}}}
     (cell_dir / "cell.json").write_text(json.dumps(cell))
     if metrics is not None:
-        record = {"status": status, "ci": ci or {}, "provenance": {name: {"test": name} for name in metrics}, **metrics}
+        record = {"status": status, "ci": ci or {}, "provenance": {name: {"test": name} for name in metrics},
+                  "cell": {"config_hash": config, "samples_sha256": cell["samples_sha256"]}, **metrics}
         (cell_dir / "metrics.json").write_text(json.dumps(record))
     return cell_dir
 
@@ -52,7 +64,8 @@ def workspace(tmp_path):
     shutil.copy(REPO / "methods.yaml", methods_file)
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump({"models": ["gmm2d"], "methods": ["euler", "heun", "dpmpp_2m"], "nfe": [4, 5],
-                                         "models_file": str(models_file), "methods_file": str(methods_file)}))
+                                         "num_samples": 100, "models_file": str(models_file),
+                                         "methods_file": str(methods_file)}))
     results = tmp_path / "results"
     write_cell(results, "gmm2d", "euler", 4, {"exact_err": 0.5, "wall_s_per_sample": 2e-4})
     write_cell(results, "gmm2d", "euler", 5, {"exact_err": 0.3, "wall_s_per_sample": 3e-4, "score": 0.9},
@@ -138,7 +151,7 @@ def test_results_csv_has_one_row_per_cell_and_metric(workspace):
     euler5 = rows["euler", 5, "exact_err"]
     assert (euler5.value, euler5.ci_low, euler5.ci_high, euler5.status) == (0.3, 0.28, 0.32, "ok")
     assert (euler5.family, euler5.seed, euler5.num_samples, euler5.device) == ("solver", 0, 100, "cpu (test)")
-    assert euler5.config_hash == "hash-euler-5" and euler5.cell_dir == "cells/gmm2d/euler/nfe5"
+    assert euler5.config_hash == cell_config_hash(MODELS["gmm2d"], METHODS["euler"], 5, 0, 100) and euler5.cell_dir == "cells/gmm2d/euler/nfe5"
     assert rows["heun", 5, "exact_err"].nfe_measured == 6.0
     unsupported = rows["heun", 4, None]
     assert unsupported.status == "unsupported" and unsupported.reason == "NFE = 2*steps-1; nearest 3, 5"
@@ -239,10 +252,14 @@ def test_unevaluated_cell_and_html_escaping(workspace):
 
 
 def test_bad_cells_fail_with_the_file_named(workspace):
+    """An unreadable metrics.json shows its cell as damaged, naming the file, with no values."""
     broken = workspace["results"] / "cells" / "gmm2d" / "euler" / "nfe4" / "metrics.json"
     broken.write_text("{")
-    with pytest.raises(StepbenchError, match=re.escape(str(broken))):
-        render(workspace)
+    render(workspace)
+    rows = pd.read_csv(workspace["out"] / "results.csv", keep_default_na=False)
+    euler4 = rows[(rows["method"] == "euler") & (rows["nfe"] == 4)]
+    assert list(euler4["status"]) == ["damaged"] and list(euler4["value"]) == [""]
+    assert euler4["reason"].iloc[0].startswith("metrics.json: malformed JSON")
     broken.unlink()
     write_cell(workspace["results"], "gmm2d", "euler", 5, {"exact_err": 0.3}, where="copy/of/euler5")
     with pytest.raises(StepbenchError, match="gmm2d / euler / NFE 5 / seed 0 also at"):
@@ -253,9 +270,8 @@ def test_seeds_of_a_cell_become_mean_and_t_interval(workspace):
     results = workspace["results"]
     values = {1: 0.2, 2: 0.4}
     for seed, value in values.items():
-        cell_dir = write_cell(results, "gmm2d", "euler", 9, {"exact_err": value}, where=f"cells/gmm2d/euler/nfe9/seed{seed}")
-        cell = json.loads((cell_dir / "cell.json").read_text())
-        (cell_dir / "cell.json").write_text(json.dumps({**cell, "seed": seed}))
+        write_cell(results, "gmm2d", "euler", 9, {"exact_err": value}, where=f"cells/gmm2d/euler/nfe9/seed{seed}",
+                   seed=seed)
     render(workspace, grid=False)  # NFE 9 and seeds 1, 2 are not the workspace grid's
     rows = pd.read_csv(workspace["out"] / "results.csv")
     row = rows[(rows["method"] == "euler") & (rows["nfe"] == 9) & (rows["metric"] == "exact_err")].iloc[0]

@@ -106,7 +106,7 @@ def test_grid_ids_are_checked_where_the_grid_names_them(tmp_path):
     run = _run(tmp_path, "--configfile", str(grid), "--dry-run")
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert (f"stepbench: error: grid key 'blocks.0.methods.1': {methods}: no method 'dpmpp2m' "
-            "(did you mean 'dpmpp_2m'?); valid: ") in run.stderr, run.stderr[-2000:]
+            "(did you mean 'dpmpp_2m'?); nearest valid: dpmpp_2m, ") in run.stderr, run.stderr[-2000:]
 
     grid = _grid(tmp_path, methods_file=str(methods))  # euler and heun only
     assert _run(tmp_path, "--configfile", str(grid), "--dry-run").returncode == 0

@@ -36,7 +36,7 @@ class BootstrapSpec:
         spec = cls(int(raw.get("resamples", DEFAULT_RESAMPLES)), float(raw.get("confidence", DEFAULT_CONFIDENCE)),
                    int(raw.get("seed", DEFAULT_SEED)))
         if spec.resamples < 0 or not 0.0 < spec.confidence < 1.0:
-            raise ConfigError(f"models.yaml: key '{model_id}.bootstrap': resamples >= 0 and 0 < confidence < 1 "
+            raise ConfigError(f"key '{model_id}.bootstrap': resamples >= 0 and 0 < confidence < 1 "
                               f"needed; got {raw}")
         return spec
 

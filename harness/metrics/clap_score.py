@@ -208,7 +208,7 @@ class CLAPScore(Metric):
     def compute(self, ctx: EvalContext) -> MetricValue:
         model_id, spec = ctx.cell["model"], ctx.model_spec
         if "sample_rate" not in spec:
-            raise ConfigError(f"models.yaml: key '{model_id}.sample_rate' missing; clap_score needs the rate "
+            raise ConfigError(f"key '{model_id}.sample_rate' missing; clap_score needs the rate "
                               f"of the generated audio (samples per second)")
         cfg = spec.get("clap") or {}
         source, cache_dir = str(cfg.get("model", DEFAULT_MODEL)), cfg.get("cache_dir")

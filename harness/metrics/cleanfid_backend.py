@@ -35,7 +35,7 @@ def planned_weights_file(configured: str | None) -> Path:
     if path.suffix != ".pt":  # a folder, as InceptionV3W takes it
         path = path / WEIGHTS_FILENAME
     if path.name != WEIGHTS_FILENAME:
-        raise ConfigError(f"models.yaml key 'feature_extractor_weights_path': clean-fid loads a file named "
+        raise ConfigError(f"key 'feature_extractor_weights_path': clean-fid loads a file named "
                           f"{WEIGHTS_FILENAME}; got {path.name}")
     return path
 
@@ -43,7 +43,7 @@ def planned_weights_file(configured: str | None) -> Path:
 def resolve_weights_file(configured: str | None) -> Path:
     path = planned_weights_file(configured)
     if not path.is_file():
-        where = ("models.yaml key 'feature_extractor_weights_path'" if configured is not None else
+        where = ("key 'feature_extractor_weights_path'" if configured is not None else
                  "clean-fid's download folder; nothing is downloaded at run time")
         raise StepbenchError(f"clean-fid Inception weights not found: looked for {path} ({where}); "
                              f"put {WEIGHTS_FILENAME} there or set 'feature_extractor_weights_path'")

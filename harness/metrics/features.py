@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,6 +31,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from harness import accounting
 from harness.datasets import load_dataset
+from harness.files import atomic_path
 from harness.errors import ConfigError, StepbenchError
 
 IMAGE_DATA_RANGE = (-1.0, 1.0)  # data space of the embedded image models (the diffusers convention)
@@ -261,7 +261,7 @@ for _name, _spec in EXTRACTORS.items():
 
 def get_extractor(name: str) -> ExtractorSpec:
     if name not in EXTRACTORS:
-        raise ConfigError(f"feature extractor {name!r} unknown (models.yaml key 'feature_extractor'); "
+        raise ConfigError(f"feature extractor {name!r} unknown (model entry key 'feature_extractor'); "
                           f"valid: {', '.join(EXTRACTORS)}")
     return EXTRACTORS[name]
 
@@ -279,7 +279,7 @@ def planned_weights_path(name: str, cache_dir: Path, configured: str | None) -> 
     spec = get_extractor(name)
     if configured is not None:
         if not spec.weights_path_supported:
-            raise ConfigError(f"models.yaml key 'feature_extractor_weights_path': torch-fidelity loads {name!r} "
+            raise ConfigError(f"key 'feature_extractor_weights_path': torch-fidelity loads {name!r} "
                               f"only from torch.hub's cache ({spec.library_file()}); remove the key")
         return Path(configured).expanduser()
     return weights_path(cache_dir, name) if spec.build is not None else spec.library_file()
@@ -293,10 +293,10 @@ def resolve_weights(name: str, cache_dir: Path, configured: str | None) -> Path:
     if configured is None and spec.build is not None:
         return build_extractor(name, cache_dir)
     if not path.is_file():
-        where = ("models.yaml key 'feature_extractor_weights_path'" if configured is not None else
+        where = ("key 'feature_extractor_weights_path'" if configured is not None else
                  "torch-fidelity's download cache under torch.hub.get_dir(); nothing is downloaded at run time")
         hint = "" if configured is not None or not spec.weights_path_supported else \
-            "; put the file there or set models.yaml key 'feature_extractor_weights_path'"
+            "; put the file there or set the model entry's key 'feature_extractor_weights_path'"
         raise StepbenchError(f"{name} weights not found: looked for {path} ({where}){hint}")
     return path
 
@@ -313,9 +313,8 @@ def build_extractor(name: str, cache_dir: Path) -> Path:
         with accounting.timed("training"):
             weights = spec.build()
         torch.save(weights, buffer)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: parallel jobs may race here
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getvalue())
     return path
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch_fidelity.defaults import DEFAULTS
 
 from harness import accounting
 from harness.errors import ConfigError, StepbenchError, valid_names
+from harness.files import save_npz
 from harness.metrics import cleanfid_backend
 from harness.metrics.base import EvalContext, Metric, MetricValue
 from harness.metrics.bootstrap import BootstrapSpec, bootstrap_interval, bootstrap_interval_of, resample_indices
@@ -91,12 +91,12 @@ class FidelitySetup:
 def fidelity_setup(model_spec: dict, model_id: str) -> FidelitySetup:
     backend = model_spec.get("fid_backend", "torch-fidelity")
     if backend not in BACKENDS:
-        raise ConfigError(f"models.yaml: key '{model_id}.fid_backend': {backend!r} "
+        raise ConfigError(f"key '{model_id}.fid_backend': {backend!r} "
                           f"unknown{valid_names(backend, BACKENDS)}")
     if backend == "clean-fid":
         extractor = cleanfid_backend.EXTRACTOR
     elif "feature_extractor" not in model_spec:
-        raise ConfigError(f"models.yaml: key '{model_id}.feature_extractor' missing; fid/kid/is need it")
+        raise ConfigError(f"key '{model_id}.feature_extractor' missing; fid/kid/is need it")
     else:
         extractor = model_spec["feature_extractor"]
         get_extractor(extractor)
@@ -121,10 +121,10 @@ def _layer_overrides(model_spec: dict, model_id: str, backend: str, extractor: s
             continue
         layer = str(model_spec[key])
         if backend == "clean-fid" and metric == "isc":
-            raise ConfigError(f"models.yaml: key '{model_id}.{key}': the clean-fid backend has no classifier "
+            raise ConfigError(f"key '{model_id}.{key}': the clean-fid backend has no classifier "
                               "logits for is; remove the key or use fid_backend torch-fidelity")
         if layer not in provided:
-            raise ConfigError(f"models.yaml: key '{model_id}.{key}': {layer!r} is not a layer of "
+            raise ConfigError(f"key '{model_id}.{key}': {layer!r} is not a layer of "
                               f"{extractor!r}{valid_names(layer, provided)}")
         overrides.append((metric, layer))
     return tuple(overrides)
@@ -427,13 +427,8 @@ def _statistics_sha256(key: dict, features: dict[str, torch.Tensor], fid: dict[s
 
 
 def _write_reference(path: Path, ref: ReferenceStatistics) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: parallel jobs may race here
-    with open(tmp, "wb") as f:
-        np.savez(f, key=json.dumps(ref.key), sha256=ref.sha256, factor=ref.factor.numpy(),
-                 **{f"feature_{k}": v.numpy() for k, v in ref.features.items()},
-                 **{f"fid_{k}": v for k, v in ref.fid.items()})
-    os.replace(tmp, path)
+    save_npz(path, key=json.dumps(ref.key), sha256=ref.sha256, factor=ref.factor.numpy(),
+             **{f"feature_{k}": v.numpy() for k, v in ref.features.items()}, **{f"fid_{k}": v for k, v in ref.fid.items()})
 
 
 def _read_reference(path: Path) -> ReferenceStatistics:

@@ -64,35 +64,35 @@ def reference_source(model_spec: dict, model_id: str) -> ReferenceSource:
     raw = model_spec.get("reference_data")
     if raw is None:
         if "dataset" not in model_spec:
-            raise ConfigError(f"models.yaml: key '{model_id}.dataset' missing (or 'reference_data'); "
+            raise ConfigError(f"key '{model_id}.dataset' missing (or 'reference_data'); "
                               "fid/kid/is/prc need reference data")
-        return embedded_source(model_spec["dataset"])
+        return embedded_source(model_spec["dataset"], f"{model_id}.dataset")
     kind = raw.get("kind")
     if kind not in KINDS[1:]:
-        raise ConfigError(f"models.yaml: key '{model_id}.reference_data.kind': {kind!r} unknown; "
+        raise ConfigError(f"key '{model_id}.reference_data.kind': {kind!r} unknown; "
                           f"valid: {', '.join(KINDS[1:])}")
     field = "name" if kind == "library" else "path"
     if field not in raw:
-        raise ConfigError(f"models.yaml: key '{model_id}.reference_data.{field}' missing (kind {kind})")
+        raise ConfigError(f"key '{model_id}.reference_data.{field}' missing (kind {kind})")
     name = str(raw[field]) if kind == "library" else str(Path(raw[field]).expanduser())
     return ReferenceSource(kind, name, raw.get("key"), raw.get("root"), raw.get("num_images"))
 
 
-def embedded_source(dataset: str) -> ReferenceSource:
+def embedded_source(dataset: str, key: str = "dataset") -> ReferenceSource:
     if dataset not in DATASETS:
-        raise ConfigError(f"dataset {dataset!r} unknown (models.yaml key 'dataset'){valid_names(dataset, DATASETS)}")
+        raise ConfigError(f"key '{key}': dataset {dataset!r} unknown{valid_names(dataset, DATASETS)}")
     return ReferenceSource("embedded", dataset)
 
 
 def _existing(path: Path, kind: str) -> Path:
     if not path.exists():
-        raise StepbenchError(f"{path}: reference data not found (models.yaml key 'reference_data.path', kind {kind})")
+        raise StepbenchError(f"{path}: reference data not found (model entry key 'reference_data.path', kind {kind})")
     return path
 
 
 def _image_files(folder: Path) -> list[Path]:
     if not _existing(folder, "folder").is_dir():
-        raise StepbenchError(f"{folder}: not a folder (models.yaml key 'reference_data.path', kind folder)")
+        raise StepbenchError(f"{folder}: not a folder (model entry key 'reference_data.path', kind folder)")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise StepbenchError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) for reference_data")
@@ -138,7 +138,7 @@ def _read_npz_images(path: Path, key: str | None) -> torch.Tensor:
     with np.load(_existing(path, "npz_images"), allow_pickle=False) as data:
         names = [key] if key else [k for k in ("images", "samples", "arr_0", "x") if k in data.files] or data.files
         if names[0] not in data.files:
-            raise StepbenchError(f"{path}: no array {names[0]!r} (models.yaml key 'reference_data.key'); "
+            raise StepbenchError(f"{path}: no array {names[0]!r} (model entry key 'reference_data.key'); "
                                  f"has {', '.join(data.files)}")
         array = data[names[0]]
     if array.dtype != np.uint8 or array.ndim != 4 or not (array.shape[-1] == 3 or array.shape[1] == 3):

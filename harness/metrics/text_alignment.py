@@ -28,18 +28,18 @@ BOOTSTRAP = BootstrapSpec(resamples=1000, confidence=0.95, seed=0)  # a mean of 
 def load_prompts(model_id: str, spec: dict) -> list[str]:
     """The model's captions from models.yaml `prompts` (a list, or a text file with one per line)."""
     if "prompts" not in spec:
-        raise ConfigError(f"models.yaml: key '{model_id}.prompts' missing; clip_score/clap_score need the "
+        raise ConfigError(f"key '{model_id}.prompts' missing; clip_score/clap_score need the "
                           f"captions the samples were generated from (a list, or a text file, one per line)")
     prompts = spec["prompts"]
     if isinstance(prompts, str):
         path = Path(prompts)
         if not path.is_file():
-            raise ConfigError(f"models.yaml: key '{model_id}.prompts': file {path} not found "
+            raise ConfigError(f"key '{model_id}.prompts': file {path} not found "
                               f"(relative paths are taken from the working directory {Path.cwd()})")
         # blank lines are layout, not empty captions
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise ConfigError(f"models.yaml: key '{model_id}.prompts': needs at least one non-empty caption")
+        raise ConfigError(f"key '{model_id}.prompts': needs at least one non-empty caption")
     return list(prompts)
 
 

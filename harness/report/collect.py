@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
+from harness import integrity
 from harness.errors import StepbenchError
 from harness.evaluate import RESERVED_KEYS
+from harness.files import read_json
 from harness.grid import GridCell
 
 COLUMNS = [
@@ -45,7 +48,10 @@ class Collected:
 
 
 def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, methods: dict[str, dict],
-                    seeds: list[int] | None = None) -> Collected:
+                    seeds: list[int] | None = None,
+                    expected_hash: Callable[[dict], str | None] | None = None) -> Collected:
+    """`expected_hash(cell)`: the config hash the cell would have under today's entries (None: unknown); a
+    cell sampled under other entries is stale and shows no numbers."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise StepbenchError(f"{results_dir}: results directory not found")
@@ -59,7 +65,15 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
     requested = {(c.model, c.method, c.nfe) for c in grid_cells} if grid_cells is not None else None
     # The path is only where a cell happens to live; cell.json says what it is.
     for cell_json in sorted(results_dir.rglob("cell.json")):
-        cell = _read_json(cell_json)
+        try:
+            cell = read_json(cell_json)
+        except StepbenchError as err:  # an unreadable record: the cell it stood for is damaged, not absent
+            row = _unreadable_cell_row(cell_json, results_dir, str(err))
+            key = (row["model"], row["method"], row["nfe"], row["seed"])
+            if requested is None or (key[:3] in requested and (seeds is None or key[3] in seeds)):
+                rows.append(row)
+                found[key] = cell_json
+            continue
         missing = [key for key in REQUIRED_CELL_KEYS if key not in cell]
         if missing:
             raise StepbenchError(f"{cell_json}: key '{missing[0]}' missing (needs {', '.join(REQUIRED_CELL_KEYS)})")
@@ -78,11 +92,15 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
 
         base = _cell_fields(cell, cell_json.parent.relative_to(results_dir).as_posix())
         metrics_json = cell_json.parent / "metrics.json"
+        distrust = _distrust(cell_json.parent, cell, expected_hash)
+        if distrust is not None:  # never a number for samples it was not computed from
+            rows.append({**base, "status": distrust[0], "reason": distrust[1]})
+            continue
         if not metrics_json.is_file():
             status = "missing" if cell["status"] == "ok" else cell["status"]
             rows.append({**base, "status": status, "reason": "not evaluated (no metrics.json)"})
             continue
-        metrics = _read_json(metrics_json)
+        metrics = read_json(metrics_json)
         for name, value in metrics.items():
             if name in RESERVED_KEYS:
                 continue
@@ -111,14 +129,28 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
     )
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise StepbenchError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
-    if not isinstance(data, dict):
-        raise StepbenchError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+def _distrust(cell_dir: Path, cell: dict, expected_hash) -> tuple[str, str] | None:
+    """(status, reason) when the cell's numbers cannot be shown: its samples damaged, its metrics computed from
+    other samples, or its entries edited since it was sampled."""
+    damage = integrity.cell_damage(cell_dir)
+    if damage is not None:
+        return "damaged", damage
+    stale = integrity.metrics_staleness(cell_dir)
+    if stale is not None:
+        return stale
+    expected = expected_hash(cell) if expected_hash is not None else None
+    if expected is not None and expected != cell.get("provenance", {}).get("config_hash"):
+        return "stale", "sampled under other models.yaml/methods.yaml entries or sample count than today's"
+    return None
+
+
+def _unreadable_cell_row(cell_json: Path, results_dir: Path, reason: str) -> dict:
+    """A damaged row for a cell.json that cannot be read, named by its place (cells/MODEL/METHOD/nfeN/seedS)."""
+    parts = cell_json.parent.relative_to(results_dir).parts
+    if len(parts) != 5 or parts[0] != "cells" or not parts[3].startswith("nfe") or not parts[4].startswith("seed"):
+        raise StepbenchError(reason)
+    return {"model": parts[1], "method": parts[2], "nfe": int(parts[3][3:]), "seed": int(parts[4][4:]),
+            "status": "damaged", "reason": reason, "cell_dir": "/".join(parts)}
 
 
 def _cell_fields(cell: dict, cell_dir: str) -> dict:

@@ -11,7 +11,7 @@ from harness.report.baselines import FEW_NFE, MATCH_TOLERANCE, compare_to_baseli
 from harness.report.collect import Collected
 from harness.report.layout import ModelLayout, direction_label, higher_is_better
 
-STATUS_ORDER = ["ok", "diverged", "missing", "unsupported"]
+STATUS_ORDER = ["ok", "diverged", "missing", "damaged", "stale", "unsupported"]
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
@@ -30,6 +30,7 @@ td.best { background: #d9f2d9; font-weight: bold; }
 table.board td.unsupported { color: #888; font-size: 0.8em; text-align: left; white-space: normal; max-width: 16em; }
 td.diverged { color: #b00020; }
 td.missing, td.not-run { color: #999; }
+td.damaged, td.stale { color: #b36b00; }
 td.audit-flag { outline: 2px dashed #e69500; outline-offset: -3px; }
 tr.audit td { text-align: left; background: #fff6e0; font-size: 0.85em; }
 .ci { color: #666; font-size: 0.85em; font-weight: normal; }
@@ -185,8 +186,8 @@ def _cell_content(key: tuple[str, int], values: pd.DataFrame, cells: pd.DataFram
     if cell["status"] == "unsupported":
         return f"n/a ({escape(cell['reason'])})", ["unsupported"], ""
     if key not in values.index:
-        if cell["status"] == "diverged":
-            return "diverged", ["diverged"], cell["reason"]
+        if cell["status"] in ("diverged", "damaged", "stale"):  # damaged or stale cells show no numbers
+            return escape(cell["status"]), [cell["status"]], cell["reason"]
         return "missing", ["missing"], cell["reason"] or "metric not in metrics.json"
     row = values.loc[key]
     if pd.isna(row["value"]):

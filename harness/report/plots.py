@@ -9,6 +9,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg is used for PNG
 from matplotlib.ticker import NullLocator
 
+from harness.files import atomic_path
 from harness.report.layout import ModelLayout, direction_label, higher_is_better
 
 MARKERS = "osD^v<>ph*"
@@ -70,4 +71,5 @@ def _plot(points: pd.DataFrame, layout: ModelLayout, metric: str, styles: dict, 
     ax.grid(True, which="both", alpha=0.3)
     # beside the axes, so a long list of methods never hides the lines
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=1 if len(layout.methods) <= 14 else 2)
-    fig.savefig(path, format="png", metadata={"Software": None})
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
