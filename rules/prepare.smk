@@ -6,7 +6,7 @@
 rule prepare:
     priority: 10
     output:
-        f"{CACHE}/prepared/{{model}}/{{artifact}}.pt",
+        f"{CACHE}/prepared/{{model}}/{{artifact}}.safetensors",
     params:
         method=lambda wc, output: PLAN.prepare_job(output[0])[1],
         nfe=lambda wc, output: PLAN.prepare_job(output[0])[2],
