@@ -47,7 +47,7 @@ except StepbenchError as err:  # bad config: one line, no traceback
     sys.exit(f"stepbench: error: {err}")
 
 if workflow.is_main_process:  # not again in each cluster job: the submitting process checked
-    for _line in PLAN.mark_damaged_cells():  # damaged cells and stale metrics are recomputed, never reported
+    for _line in PLAN.set_aside_damaged_cells([f"{config['reports_dir']}/{name}" for name in ("index.html", "results.csv")]):  # damaged cells and stale metrics are recomputed, never reported
         print(_line, file=sys.stderr)
 
 RESULTS = PLAN.results_dir

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from harness import prepared
+from harness.cellstore import MemoryStore, PartialCell
 from harness.config import config_hash
-from harness.files import save_npz, sha256_file, write_json
+from harness.files import sha256_file, write_json
 from harness.memory import PeakMemory
 from harness.methods import make_sampler
 from harness.models import load_denoiser, resolve_device
@@ -24,8 +25,8 @@ from harness.threads import threads_for_work, use_threads
 
 @dataclass
 class Generated:
-    samples: np.ndarray  # float32 [S, ...] in data space
-    noise: np.ndarray  # float32 [S, ...] the standard normal draws the sampler started from
+    samples: np.ndarray  # float32 [S, ...] in data space (a memory map when the cell streams to disk)
+    noise: np.ndarray | None  # float32 [S, ...] the standard normal draws the sampler started from, if kept
     nfe_measured: float
     wall_s: float
     network_s: float  # of wall_s, inside denoiser calls
@@ -33,13 +34,17 @@ class Generated:
     latents: np.ndarray | None = None  # latent models: float32 [S, ...] before decode (mse_ref's space)
 
 
-def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int, batch_size: int) -> Generated:
-    """Run a sampler over samples 0..S-1 in batches; sample i depends only on (seed, i)."""
-    counted = CountingDenoiser(denoiser)
+def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int, batch_size: int,
+             store: MemoryStore | PartialCell | None = None, keep_noise: bool = False) -> Generated:
+    """Run a sampler over samples 0..S-1 in batches; sample i depends only on (seed, i). Batches go to `store`
+    (memory by default); batches it already holds (a resumed cell) are skipped."""
+    store = store if store is not None else MemoryStore()
     info = denoiser.info
-    outs, noises, latents = [], [], []
-    wall = 0.0
-    for start in range(0, num_samples, batch_size):
+    done = store.finished()
+    starts = [start for start in range(0, num_samples, batch_size) if start not in done]
+    progress = _progress(len(starts), num_samples > 4 * batch_size)
+    for start in starts:
+        counted = CountingDenoiser(denoiser)
         gen = SampleNoise(seed, range(start, min(start + batch_size, num_samples)), device=info.device)
         noise = gen.randn(info.data_shape, dtype=info.dtype)
         _sync(info.device)
@@ -47,15 +52,29 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
         z0 = sampler.sample(counted, noise, nfe, None, gen)
         x0 = denoiser.decode(z0)
         _sync(info.device)
-        wall += time.perf_counter() - t0
-        outs.append(x0.float().cpu().numpy())
+        wall = time.perf_counter() - t0
+        arrays = {"samples": x0.float().cpu().numpy()}
         if info.latent:
-            latents.append(z0.float().cpu().numpy())
-        noises.append(noise.float().cpu().numpy())
-    samples = np.concatenate(outs)
-    status = "ok" if np.isfinite(samples).all() else "diverged"
-    return Generated(samples, np.concatenate(noises), counted.nfe_per_sample(num_samples), wall, counted.network_s,
-                     status, np.concatenate(latents) if info.latent else None)
+            arrays["latents"] = z0.float().cpu().numpy()
+        if keep_noise:
+            arrays["noise"] = noise.float().cpu().numpy()
+        record = {"wall_s": wall, "network_s": counted.network_s, "rows": counted.rows,
+                  "finite": bool(np.isfinite(arrays["samples"]).all())}
+        store.add(start, arrays, record)
+        progress.update(1)
+    progress.close()
+    records = store.finished().values()
+    status = "ok" if all(r["finite"] for r in records) else "diverged"
+    return Generated(store.array("samples"), store.array("noise"), sum(r["rows"] for r in records) / num_samples,
+                     sum(r["wall_s"] for r in records), sum(r["network_s"] for r in records), status,
+                     store.array("latents"))
+
+
+def _progress(batches: int, show: bool):
+    """Per-batch progress with throughput and ETA on stderr (the job's log), for cells of many batches."""
+    from tqdm import tqdm
+
+    return tqdm(total=batches, unit="batch", desc="sampling", disable=not show, mininterval=2.0)
 
 
 def _plain_number(value: float) -> int | float:
@@ -88,21 +107,20 @@ def run_cell(
     sampler.check_nfe(nfe)  # fail before loading a model
     prepared_record = prepared.load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe)
     batch_size = min(batch_size or model_spec.get("batch_size", 250), num_samples)  # the batch that runs
+    config = cell_config_hash(model_spec, method_spec, nfe, seed, num_samples)
+    # finished batches survive a kill; a partial cell of other settings is discarded
+    store = PartialCell(out_dir, {"config_hash": config, "batch_size": batch_size, "keep_noise": keep_noise},
+                        num_samples)
     with PeakMemory(device) as peak:
         denoiser = load_denoiser(model_spec, device)
         flops = flops_of_model(cache_dir, model_id, model_spec, batch_size, denoiser)
         threads = choose_threads(denoiser, flops["flops_per_call"])
-        result = generate(denoiser, sampler, nfe, seed, num_samples, batch_size)
+        with use_threads(threads):
+            result = generate(denoiser, sampler, nfe, seed, num_samples, batch_size, store, keep_noise)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     # metrics of samples this run replaces would otherwise be reported as this cell's
     (out_dir / "metrics.json").unlink(missing_ok=True)
-    arrays = {"samples": result.samples}
-    if keep_noise:
-        arrays["noise"] = result.noise
-    if result.latents is not None:
-        arrays["latents"] = result.latents
-    save_npz(out_dir / "samples.npz", **arrays)
+    store.write_npz(out_dir / "samples.npz", ["samples", "noise", "latents"])
     cell = {
         "model": model_id,
         "method": method_id,
@@ -122,7 +140,7 @@ def run_cell(
         "samples_sha256": sha256_file(out_dir / "samples.npz"),  # what evaluate and the report check it against
         "prepared": prepared_record,  # side data made in its own job, and what it cost
         "provenance": {
-            "config_hash": cell_config_hash(model_spec, method_spec, nfe, seed, num_samples),
+            "config_hash": config,
             "model_spec": model_spec,
             "method_spec": method_spec,
             "process": denoiser.process.describe(),
@@ -131,6 +149,7 @@ def run_cell(
         },
     }
     write_json(out_dir / "cell.json", cell)  # last: a cell.json means a complete cell
+    store.discard()
     return cell
 
 
@@ -146,12 +165,10 @@ def flops_of_model(cache_dir, model_id: str, model_spec: dict, batch_size: int, 
 
 def choose_threads(denoiser: Denoiser, flops_per_call: float) -> int | None:
     """CPU threads for this cell's work (harness.threads), from the FLOPs of one denoiser call at the batch
-    size; set for the rest of the job. None on a GPU, where the CPU only launches kernels."""
+    size. None on a GPU, where the CPU only launches kernels."""
     if torch.device(denoiser.info.device).type != "cpu":
         return None
-    threads = threads_for_work(flops_per_call)
-    use_threads(threads)
-    return threads
+    return threads_for_work(flops_per_call)
 
 
 def _sync(device) -> None:

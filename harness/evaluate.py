@@ -6,9 +6,9 @@ import math
 import zipfile
 from pathlib import Path
 
-import numpy as np
 
 from harness import accounting
+from harness.cellstore import NpzArray
 from harness.errors import StepbenchError
 from harness.files import write_json
 from harness.integrity import verified_cell
@@ -43,10 +43,12 @@ def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names:
     return out
 
 
-def read_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """samples (and latents, for latent models) of a samples.npz; an unreadable file is one line."""
+def read_samples(path: Path) -> tuple[NpzArray, NpzArray | None]:
+    """samples (and latents, for latent models) of a samples.npz, read in blocks by the metrics; an unreadable
+    file is one line."""
     try:
-        with np.load(path, allow_pickle=False) as arrays:
-            return arrays["samples"], (arrays["latents"] if "latents" in arrays.files else None)
+        with zipfile.ZipFile(path) as archive:
+            has_latents = "latents.npy" in archive.namelist()
+        return NpzArray(path, "samples"), (NpzArray(path, "latents") if has_latents else None)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise StepbenchError(f"{path}: unreadable samples ({type(err).__name__}: {err}); sample the cell again") from None

@@ -103,7 +103,11 @@ def verified_cell(cell_dir: Path) -> dict:
     return read_json(cell_dir / "cell.json")
 
 
-def mark_for_rerun(path: Path) -> None:
-    """Make Snakemake recompute the job that writes `path`: dated to the epoch, it is older than the job's
-    inputs (the mtime rerun trigger). The damaged file itself is left for inspection until the job replaces it."""
-    os.utime(path, (0, 0))
+def set_aside(path: Path, results_dir: Path, stamp: str) -> Path:
+    """Move a damaged or stale output out of the way, to RESULTS/damaged/STAMP/<its place>: missing, it is what
+    Snakemake recomputes (an older date would not do: Snakemake also compares inputs' checksums), and it is
+    kept for inspection rather than deleted."""
+    target = results_dir / "damaged" / stamp / path.relative_to(results_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
+    return target

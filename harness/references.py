@@ -53,6 +53,19 @@ def load_or_compute(cache_dir, model_id, model_spec, kind, seed, num_samples, me
         return data[array]
 
 
+def open_reference(cache_dir, model_id, model_spec, kind, seed, num_samples, methods, device="cpu",
+                   array: str = "samples"):
+    """The reference as an NpzArray, read in blocks by the metrics (computed first if missing)."""
+    from harness.cellstore import NpzArray
+
+    path = reference_path(cache_dir, model_id, model_spec, kind, seed, num_samples, methods)
+    if not path.exists() or not _holds(path, array):
+        compute(path, model_id, model_spec, kind, seed, num_samples, methods, device)
+    if not _holds(path, array):
+        raise StepbenchError(f"{path}: reference has no {array!r} (only latent models' solver references do)")
+    return NpzArray(path, array)
+
+
 def _holds(path: Path, array: str) -> bool:
     with np.load(path, allow_pickle=False) as data:
         return array in data.files
@@ -60,25 +73,28 @@ def _holds(path: Path, array: str) -> bool:
 
 def compute(path: Path, model_id, model_spec, kind, seed, num_samples, methods, device="cpu") -> None:
     denoiser = CountingDenoiser(load_denoiser(model_spec, device))  # times the network calls (accounting)
-    extra: dict[str, np.ndarray] = {}  # latent models' pre-decode solution, for mse_ref in latent space
     if kind == "exact":
         if not denoiser.info.extra.get("analytic"):
             raise StepbenchError(f"exact_err needs an analytic model; {model_id!r} is not (use mse_ref)")
         samples, recipe = exact_solution(denoiser, seed, num_samples), {"solver": "scipy DOP853", "rtol": EXACT_RTOL}
+        save_npz(path, samples=samples.astype(np.float32), recipe=json.dumps(recipe))
     elif kind == "solver":
+        from harness.cellstore import PartialCell
         from harness.cells import generate
         from harness.methods import make_sampler
 
         spec = _reference_method(model_id, model_spec, methods)
         nfe = model_spec["reference"]["nfe"]
-        batch = model_spec.get("batch_size", 250)
-        result = generate(denoiser, make_sampler(spec), nfe, seed, num_samples, batch)
-        samples, recipe = result.samples, {"method": model_spec["reference"]["method"], "nfe": nfe, "spec": spec}
-        if result.latents is not None:
-            extra["latents"] = result.latents.astype(np.float32)
+        batch = min(model_spec.get("batch_size", 250), num_samples)
+        # batches on disk as they finish, as a cell's: a long reference resumes after a kill, memory stays flat
+        store = PartialCell(path.parent, {"reference": path.name, "batch_size": batch}, num_samples,
+                            folder=f".{path.stem}.partial")
+        generate(denoiser, make_sampler(spec), nfe, seed, num_samples, batch, store)
+        recipe = {"method": model_spec["reference"]["method"], "nfe": nfe, "spec": spec}
+        store.write_npz(path, ["samples", "latents"], {"recipe": json.dumps(recipe)})  # latents: latent models
+        store.discard()
     else:
         raise ValueError(f"reference kind {kind!r}; valid: {KINDS}")
-    save_npz(path, samples=samples.astype(np.float32), recipe=json.dumps(recipe), **extra)
 
 
 def _reference_method(model_id: str, model_spec: dict, methods: dict) -> dict:

@@ -10,6 +10,7 @@ else the cores this process may run on.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 # Matmul/convolution FLOPs per network call below which one thread is fastest; above it one more thread per
 # this much work, up to the job's share (measured: benchmarks/grid_efficiency.py prints the choice per cell).
@@ -29,7 +30,16 @@ def threads_for_work(flops_per_call: float) -> int:
     return max(1, min(job_threads(), int(flops_per_call // FLOPS_PER_THREAD) or 1))
 
 
-def use_threads(count: int) -> None:
+@contextmanager
+def use_threads(count: int | None):
+    """torch's intra-op threads set to `count` (None: unchanged) for the block, then restored: a library call
+    (a test, a notebook) keeps its own setting."""
     import torch
 
-    torch.set_num_threads(count)
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 import re
 import socket
+from shlex import quote  # paths from the grid reach the jobs' shell commands: quoted, so they stay paths
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,16 +81,16 @@ class Plan:
 
     def untracked_model_args(self, wildcards, output) -> str:
         """--models-file and --cache-dir for the per-model jobs (refstats, flops), untracked as `untracked_common_args` is."""
-        return f"--models-file {self.models_file} --cache-dir {self.cache_dir}"
+        return f"--models-file {quote(str(self.models_file))} --cache-dir {quote(str(self.cache_dir))}"
 
     @property
     def config_file_args(self) -> str:
-        return f"--models-file {self.models_file} --methods-file {self.methods_file}"
+        return f"--models-file {quote(str(self.models_file))} --methods-file {quote(str(self.methods_file))}"
 
     @property
     def common_args(self) -> str:
         """Options every cell-level CLI call takes: the config files and the cache."""
-        return f"{self.config_file_args} --cache-dir {self.cache_dir}"
+        return f"{self.config_file_args} --cache-dir {quote(str(self.cache_dir))}"
 
     def untracked_common_args(self, wildcards, output) -> str:
         """`common_args` as a Snakemake param function of the output, which Snakemake does not compare
@@ -113,13 +115,15 @@ class Plan:
     def cell_dirs(self) -> list[Path]:
         return [self.cell_dir(c.model, c.method, c.nfe, seed) for c in self.cells for seed in self.seeds]
 
-    def mark_damaged_cells(self) -> list[str]:
-        """Check every planned cell that exists (harness.integrity) and date the files of a damaged one, or the
-        stale metrics of an intact one, to the epoch, so that Snakemake recomputes them (its mtime trigger: the
-        jobs' inputs are newer). Returns one line per cell marked."""
+    def set_aside_damaged_cells(self, report_files: list[str]) -> list[str]:
+        """Check every planned cell that exists (harness.integrity) and move the files of a damaged one, or the
+        stale metrics of an intact one, to RESULTS/damaged/, and with them the report that shows their numbers:
+        Snakemake recomputes what is missing downstream of a target it must remake (a missing input of a job whose
+        outputs are present does not count: it could be a temp file). Returns one line per cell."""
         memory = self.cache_dir / "integrity-hashes.json"
         integrity.load_hash_memory(memory)
         lines = []
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         for cell_dir in self.cell_dirs():
             damage = integrity.cell_damage(cell_dir)
             stale = integrity.metrics_staleness(cell_dir) if damage is None else None
@@ -128,9 +132,16 @@ class Plan:
             files = ("cell.json", "samples.npz", "metrics.json") if damage is not None else ("metrics.json",)
             for name in files:
                 if (cell_dir / name).exists():
-                    integrity.mark_for_rerun(cell_dir / name)
+                    integrity.set_aside(cell_dir / name, self.results_dir, stamp)
             what = "sampled and evaluated" if damage is not None else "evaluated"
-            lines.append(f"stepbench: cell {cell_dir}: {damage or stale[1]}; it will be {what} again")
+            lines.append(f"stepbench: cell {cell_dir}: {damage or stale[1]}; it will be {what} again "
+                         f"(the old files are in {self.results_dir / 'damaged' / stamp})")
+        if lines:  # the report shows those cells' old numbers
+            for name in report_files:
+                if Path(name).exists():
+                    target = self.results_dir / "damaged" / stamp / "report" / Path(name).name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(name, target)
         if self.cache_dir.is_dir():
             integrity.save_hash_memory(memory)
         return lines

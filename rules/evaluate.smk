@@ -22,4 +22,4 @@ rule evaluate:
     conda:
         "envs/stepbench.yaml"
     shell:
-        "stepbench-job --gpus {resources.gpu} evaluate {params.out} {params.common} > {log} 2>&1"
+        "stepbench-job --gpus {resources.gpu} evaluate {params.out:q} {params.common} > {log:q} 2>&1"

@@ -21,5 +21,5 @@ rule prepare:
     conda:
         "envs/stepbench.yaml"
     shell:
-        "stepbench-job --gpus {resources.gpu} prepare --model {wildcards.model} --method {params.method}"
-        " --nfe {params.nfe} {params.common} > {log} 2>&1"
+        "stepbench-job --gpus {resources.gpu} prepare --model {wildcards.model:q} --method {params.method:q}"
+        " --nfe {params.nfe:q} {params.common} > {log:q} 2>&1"

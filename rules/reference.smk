@@ -22,8 +22,8 @@ rule refstats:
     conda:
         "envs/stepbench.yaml"
     shell:
-        "stepbench-job --gpus {resources.gpu} refstats --model {params.model} {params.files}"
-        " > {log} 2>&1"
+        "stepbench-job --gpus {resources.gpu} refstats --model {params.model:q} {params.files}"
+        " > {log:q} 2>&1"
 
 
 rule reference:
@@ -45,8 +45,8 @@ rule reference:
     conda:
         "envs/stepbench.yaml"
     shell:
-        "stepbench-job --gpus {resources.gpu} reference --model {wildcards.model} --kind {wildcards.kind}"
-        " --num-samples {params.num_samples} --seed {params.seed} {params.common} > {log} 2>&1"
+        "stepbench-job --gpus {resources.gpu} reference --model {wildcards.model:q} --kind {wildcards.kind:q}"
+        " --num-samples {params.num_samples:q} --seed {params.seed:q} {params.common} > {log:q} 2>&1"
 
 
 rule flops:
@@ -66,5 +66,5 @@ rule flops:
     conda:
         "envs/stepbench.yaml"
     shell:
-        "stepbench-job --gpus {resources.gpu} flops --model {params.model} --batch-size {params.batch} {params.files}"
-        " > {log} 2>&1"
+        "stepbench-job --gpus {resources.gpu} flops --model {params.model:q} --batch-size {params.batch:q}"
+        " {params.files} > {log:q} 2>&1"

@@ -15,8 +15,9 @@ rule grid_config:
     run:
         import json
 
-        with open(output[0], "w") as fh:
-            json.dump(params.grid, fh, indent=2, sort_keys=True)
+        from harness.files import write_text
+
+        write_text(output[0], json.dumps(params.grid, indent=2, sort_keys=True))
 
 
 rule report:
@@ -35,4 +36,4 @@ rule report:
     conda:
         "envs/stepbench.yaml"
     shell:
-        "stepbench-job report {params.results} --out {params.out} --grid {input.grid} {params.files} > {log} 2>&1"
+        "stepbench-job report {params.results:q} --out {params.out:q} --grid {input.grid:q} {params.files} > {log:q} 2>&1"

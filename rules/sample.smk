@@ -23,5 +23,6 @@ rule sample:
     conda:
         "envs/stepbench.yaml"
     shell:
-        "stepbench-job --gpus {resources.gpu} sample --model {wildcards.model} --method {wildcards.method}"
-        " --nfe {wildcards.nfe} --out {params.out} --num-samples {params.num_samples} --seed {wildcards.seed} {params.common} > {log} 2>&1"
+        "stepbench-job --gpus {resources.gpu} sample --model {wildcards.model:q} --method {wildcards.method:q}"
+        " --nfe {wildcards.nfe:q} --out {params.out:q} --num-samples {params.num_samples:q} --seed {wildcards.seed:q}"
+        " {params.common} > {log:q} 2>&1"

@@ -16,4 +16,4 @@ rule extractor:
     conda:
         "envs/stepbench.yaml"
     shell:
-        "stepbench-job --gpus {resources.gpu} extractor {wildcards.name} --cache-dir {params.cache} > {log} 2>&1"
+        "stepbench-job --gpus {resources.gpu} extractor {wildcards.name:q} --cache-dir {params.cache:q} > {log:q} 2>&1"

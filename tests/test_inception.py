@@ -188,7 +188,7 @@ def test_precomputed_mu_sigma_give_the_same_fid_and_refuse_kid(setup, tmp_path):
 def test_missing_weights_name_the_file_and_where_we_looked(tmp_path, monkeypatch):
     absent = tmp_path / "nowhere" / "inception.pth"
     with pytest.raises(StepbenchError, match=f"inception-v3-compat weights not found: looked for {absent} "
-                                             r"\(models.yaml key 'feature_extractor_weights_path'\)"):
+                                             r"\(the model entry's key 'feature_extractor_weights_path'\)"):
         resolve_weights("inception-v3-compat", tmp_path, str(absent))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     library_file = tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"

@@ -214,7 +214,7 @@ class CLAPScore(Metric):
         source, cache_dir = str(cfg.get("model", DEFAULT_MODEL)), cfg.get("cache_dir")
         prompts = load_prompts(model_id, spec)
         clap = ctx.memo(f"clap:{source}", lambda: load_clap(source, cache_dir, ctx.device))
-        scores = clap_scores(clap, ctx.samples, int(spec["sample_rate"]),
+        scores = clap_scores(clap, np.asarray(ctx.samples), int(spec["sample_rate"]),
                              prompts_for_samples(prompts, len(ctx.samples)), int(cfg.get("batch_size", DEFAULT_BATCH_SIZE)))
         low, high = bootstrap_interval(scores)
         return MetricValue(float(scores.mean()), low, high, provenance={

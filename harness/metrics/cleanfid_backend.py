@@ -43,7 +43,7 @@ def planned_weights_file(configured: str | None) -> Path:
 def resolve_weights_file(configured: str | None) -> Path:
     path = planned_weights_file(configured)
     if not path.is_file():
-        where = ("key 'feature_extractor_weights_path'" if configured is not None else
+        where = ("the model entry's key 'feature_extractor_weights_path'" if configured is not None else
                  "clean-fid's download folder; nothing is downloaded at run time")
         raise StepbenchError(f"clean-fid Inception weights not found: looked for {path} ({where}); "
                              f"put {WEIGHTS_FILENAME} there or set 'feature_extractor_weights_path'")

@@ -197,7 +197,7 @@ class CLIPScore(Metric):
         model_id = ctx.cell["model"]
         settings = clip_settings(ctx.model_spec)
         prompts = load_prompts(model_id, ctx.model_spec)
-        samples = ctx.samples
+        samples = np.asarray(ctx.samples)
         if samples.ndim != 4 or samples.shape[1] not in (1, 3):
             raise StepbenchError(f"clip_score needs image samples [S, 1 or 3, H, W]; model {model_id!r} "
                                  f"has {list(samples.shape)}")

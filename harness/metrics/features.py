@@ -293,7 +293,7 @@ def resolve_weights(name: str, cache_dir: Path, configured: str | None) -> Path:
     if configured is None and spec.build is not None:
         return build_extractor(name, cache_dir)
     if not path.is_file():
-        where = ("key 'feature_extractor_weights_path'" if configured is not None else
+        where = ("the model entry's key 'feature_extractor_weights_path'" if configured is not None else
                  "torch-fidelity's download cache under torch.hub.get_dir(); nothing is downloaded at run time")
         hint = "" if configured is not None or not spec.weights_path_supported else \
             "; put the file there or set the model entry's key 'feature_extractor_weights_path'"

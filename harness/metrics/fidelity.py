@@ -27,6 +27,7 @@ from torch_fidelity.defaults import DEFAULTS
 
 from harness import accounting
 from harness.errors import ConfigError, StepbenchError, valid_names
+from harness.cellstore import row_chunks
 from harness.files import save_npz
 from harness.metrics import cleanfid_backend
 from harness.metrics.base import EvalContext, Metric, MetricValue
@@ -460,7 +461,9 @@ def sample_features(ctx: EvalContext) -> tuple[dict[str, torch.Tensor], dict]:
     def compute():
         weights = weights_file(setup, ctx.cache_dir)
         layers = sorted(set(setup.layers.values()))
-        features = setup_features(data_to_uint8_rgb(ctx.samples), setup, weights, layers, ctx.device)
+        # uint8 images, converted block by block: a float64 copy of every sample at once would not be
+        pixels = torch.cat([data_to_uint8_rgb(block) for block in row_chunks(ctx.samples)])
+        features = setup_features(pixels, setup, weights, layers, ctx.device)
         provenance = {"extractor": setup.extractor, "weights_sha256": file_sha256(weights),
                       "weights_file": str(weights), "resize": setup.resize, "backend": setup.backend,
                       "backend_version": backend_version(setup.backend), "num_samples": len(ctx.samples)}

@@ -5,19 +5,27 @@ from __future__ import annotations
 import numpy as np
 
 from harness import references
+from harness.cellstore import row_chunks
+from harness.errors import StepbenchError
 from harness.metrics.base import EvalContext, Metric, MetricValue
 
 
 def _reference(ctx: EvalContext, kind: str, array: str = "samples") -> tuple[np.ndarray, str]:
     cell = ctx.cell
     args = (ctx.cache_dir, cell["model"], ctx.model_spec, kind, cell["seed"], cell["num_samples"], ctx.methods)
-    ref = references.load_or_compute(*args, device=ctx.device, array=array)
+    ref = references.open_reference(*args, device=ctx.device, array=array)
     return ref, references.reference_path(*args).name
 
 
-def _per_sample_sq_err(samples: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    diff = samples.astype(np.float64) - ref.astype(np.float64)
-    return (diff.reshape(len(diff), -1) ** 2).sum(1)
+def _per_sample_sq_err(samples, ref) -> np.ndarray:
+    """Squared distance of each sample to its reference, over blocks of rows (either may be an NpzArray)."""
+    if len(samples) != len(ref):
+        raise StepbenchError(f"{len(samples)} samples but {len(ref)} reference solutions")
+    errors = []
+    for ours, theirs in zip(row_chunks(samples), row_chunks(ref)):
+        diff = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
+        errors.append((diff.reshape(len(diff), -1) ** 2).sum(1))
+    return np.concatenate(errors) if errors else np.zeros(0)
 
 
 def rms_distance(samples: np.ndarray, ref: np.ndarray) -> float:

@@ -65,6 +65,8 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
     requested = {(c.model, c.method, c.nfe) for c in grid_cells} if grid_cells is not None else None
     # The path is only where a cell happens to live; cell.json says what it is.
     for cell_json in sorted(results_dir.rglob("cell.json")):
+        if cell_json.relative_to(results_dir).parts[0] == "damaged":  # set aside by the workflow, not results
+            continue
         try:
             cell = read_json(cell_json)
         except StepbenchError as err:  # an unreadable record: the cell it stood for is damaged, not absent
