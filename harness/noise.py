@@ -55,6 +55,9 @@ from functools import cache
 import numpy as np
 import torch
 
+# Names the definition above. It is part of every cell's and every reference solution's cache key, so that
+# results from other noise are recomputed, not reused: change it whenever the numbers change.
+NOISE_VERSION = "splitmix64-pairs-fixed-point-box-muller/1"
 SAMPLE_BITS, DRAW_BITS, PAIR_BITS = 24, 16, 24
 MASK64 = (1 << 64) - 1
 MASK32 = (1 << 32) - 1
@@ -197,10 +200,11 @@ def standard_normals(rows: torch.Tensor, numel: int, keys: torch.Tensor, recip: 
 
 # ---- which path runs: the same numbers either way, so only cost decides ----
 
-# Ski rental: draws run eagerly until they have cost as much as compiling (measured with a warm inductor
-# cache: about 7 s on a 2-core CPU, 12 s cold); from then on every draw runs the compiled kernel, which is
-# faster at every size (benchmarks/noise_throughput.py). On CUDA eager time is the launches' (no sync).
-COMPILE_AFTER_EAGER_SECONDS = 5.0
+# Ski rental: draws run eagerly until they have cost about what compiling does (the first compiled call,
+# dynamo's import included, measured 3.4 s with a warm inductor cache on a 2-core CPU, 7-12 s when loaded or
+# cold); from then on every draw runs the compiled kernel, faster at every size (benchmarks/noise_throughput.py).
+# On CUDA the eager time counted is the launches' (no sync), so it compiles later than it could.
+COMPILE_AFTER_EAGER_SECONDS = 3.0
 _eager_seconds = 0.0
 _compiled_built = False  # once it is, every draw uses it
 _compiled_failed = False
@@ -229,8 +233,19 @@ def _run_compiled(rows: torch.Tensor, numel: int, keys: torch.Tensor) -> torch.T
     return _compiled(rows.device)(padded, numel, keys)[: len(rows)]
 
 
+# Eager draws go in chunks of rows: on CPU small enough that the ~160 intermediates stay in cache (2x faster
+# than unchunked at 500 x 3072, measured), on CUDA only to bound their memory.
+EAGER_CHUNK_PAIRS = {"cpu": 1 << 15}
+EAGER_CHUNK_PAIRS_OTHER = 1 << 22
+
+
 def _run_eager(rows: torch.Tensor, numel: int, keys: torch.Tensor) -> torch.Tensor:
-    return standard_normals(rows, numel, keys, *_tables(rows.device))
+    tables = _tables(rows.device)
+    pairs = EAGER_CHUNK_PAIRS.get(rows.device.type, EAGER_CHUNK_PAIRS_OTHER)
+    step = max(1, pairs // ((numel + 1) // 2))
+    if step >= len(rows):
+        return standard_normals(rows, numel, keys, *tables)
+    return torch.cat([standard_normals(rows[s:s + step], numel, keys, *tables) for s in range(0, len(rows), step)])
 
 
 def _run_cheapest(rows: torch.Tensor, numel: int, keys: torch.Tensor) -> torch.Tensor:

@@ -242,3 +242,17 @@ def test_cuda_equals_cpu(compiled):
     for shape in SHAPES:
         for a, b in zip(batched(5, 64, 7, shape), batched(5, 64, 64, shape, device="cuda")):
             assert bits(a) == bits(b)
+
+
+def test_cells_and_references_from_other_noise_are_not_reused(monkeypatch):
+    """The noise's definition is part of the cache keys: a cell's Snakemake param, a reference solution's file."""
+    from harness import cells, references
+
+    def keys():
+        return (cells.cell_config_hash({"adapter": "gmm2d"}, {"solver": "euler"}, 8, 0, 10),
+                references.reference_key("gmm2d", {"adapter": "gmm2d"}, "exact", 0, 10, {}))
+
+    now = keys()
+    monkeypatch.setattr(cells, "NOISE_VERSION", "another definition")
+    monkeypatch.setattr(references, "NOISE_VERSION", "another definition")
+    assert all(a != b for a, b in zip(now, keys()))
