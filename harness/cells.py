@@ -18,7 +18,7 @@ from harness.methods import make_sampler
 from harness.models import load_denoiser, resolve_device
 from harness.models.base import Denoiser
 from harness.nfe import CountingDenoiser
-from harness.noise import SampleNoise
+from harness.noise import NOISE_VERSION, SampleNoise
 from harness.provenance import environment
 from harness.threads import threads_for_work, use_threads
 
@@ -84,8 +84,8 @@ def _plain_number(value: float) -> int | float:
 
 def cell_config_hash(model_spec: dict, method_spec: dict, nfe: int, seed: int, num_samples: int) -> str:
     """What a cell's samples depend on, hashed: cell.json's config_hash, and a param of the cell's Snakemake
-    job (harness.workflow), so that an edited entry reruns it."""
-    return config_hash(model_spec, method_spec, nfe, seed, num_samples)
+    job (harness.workflow), so that an edited entry, or a new definition of the noise, reruns it."""
+    return config_hash(model_spec, method_spec, nfe, seed, num_samples, NOISE_VERSION)
 
 
 def run_cell(

@@ -23,7 +23,7 @@ from harness.errors import ConfigError, StepbenchError, valid_names
 from harness.files import save_npz
 from harness.models import load_denoiser
 from harness.nfe import CountingDenoiser
-from harness.noise import SampleNoise
+from harness.noise import NOISE_VERSION, SampleNoise
 
 EXACT_RTOL = 1e-10
 EXACT_ATOL = 1e-10
@@ -32,7 +32,7 @@ KINDS = ("exact", "solver")
 
 def reference_key(model_id: str, model_spec: dict, kind: str, seed: int, num_samples: int, methods: dict) -> str:
     solver = _reference_method(model_id, model_spec, methods) if kind == "solver" else {"dop853_rtol": EXACT_RTOL}
-    return config_hash(model_spec, kind, seed, num_samples, solver)
+    return config_hash(model_spec, kind, seed, num_samples, solver, NOISE_VERSION)  # from that noise
 
 
 def reference_path(cache_dir: Path, model_id: str, model_spec: dict, kind: str, seed: int, num_samples: int,
