@@ -2,7 +2,8 @@
 and with the forward map; the pass counters equal hand counts; per-block strategies from CRM/IGM.
 
 Tiny random TarFlows in float64 (T = 16 tokens). Side-by-side checks against the reference code run
-outside the repository; their figures are in harness.methods.jacobi_inverse.SIDE_BY_SIDE.
+outside the repository; their figures are in the docstrings of harness.methods.jacobi_inverse,
+jacobi_strategy and harness.models.tarflow.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from harness.errors import ConfigError
-from harness.methods.jacobi_inverse import (BlockStrategy, Guidance, from_reference_lists, gs_jacobi, invert,
+from harness.methods.jacobi_inverse import (BlockStrategy, Guidance, denoise_step, from_reference_lists, gs_jacobi,
                                             jacobi, module_bounds, sequential)
 from harness.methods.jacobi_strategy import block_metrics, choose_strategy, strategy_notation, worst_case_passes
 from harness.models.tarflow import TarFlow
@@ -145,6 +146,13 @@ def test_counted_passes_equal_hand_counts(model):
     assert guided["token_evals_per_sample"] == 2 * gsj["token_evals_per_sample"]
 
 
+def test_denoise_step_is_counted_as_one_full_pass_per_block(model, exact):
+    step = denoise_step(model, exact.x, LABELS)
+    assert torch.equal(step.x, model.score_denoise(exact.x, LABELS))
+    assert step.cost["block_passes_per_sample"] == [1] * K
+    assert step.cost["token_evals_per_sample"] == K * T
+
+
 def test_solver_iterations_and_counted_passes_agree_when_adaptive(model):
     result = gs_jacobi(model, noise(6), None, num_gs=[2, 1, 4], max_iter=[50] * K, guess=["z", "zeros", "z"],
                        ebound=1e-4)
@@ -230,11 +238,12 @@ PUBLISHED_CRM = {
 }
 
 
+@pytest.mark.parametrize("factor", [None, 0.9, 2.6])  # None: the default; 0.9 and 2.6 near the ends of the range
 @pytest.mark.parametrize("name", PUBLISHED_CRM)
-def test_tough_blocks_of_the_published_crm_tables(name):
+def test_tough_blocks_of_the_published_crm_tables(name, factor):
     shares, tough = PUBLISHED_CRM[name]
     metrics = [{"block": k, "crm_share": s / 100, "igm": {"z": 1.0, "zeros": 2.0}} for k, s in enumerate(shares)]
-    strategy = choose_strategy(metrics, 1024)
+    strategy = choose_strategy(metrics, 1024, **({} if factor is None else {"tough_factor": factor}))
     assert strategy["tough_blocks"] == tough
     assert strategy["num_gs"] == [8 if k in tough else 1 for k in range(8)]
     assert strategy["max_iter"] == [32 if k in tough else 10 for k in range(8)]

@@ -44,9 +44,26 @@ Lists per block (num_gs, max_iter, guess) are in `model.blocks` order, block 0 f
 CRM and of the paper's [Stack-GS-J-Else] notation). The reference's lists run in sampling order, last
 block first: `from_reference_lists` converts.
 
-Checked side by side with the reference code (run outside the repository, fetched at
-apple/ml-tarflow 313120e and Minokori/GS-Jacobi_for_TarFlow 4593d3f), on the same random TarFlows
-loaded with the same state dicts (see SIDE_BY_SIDE below for the figures).
+Checked side by side with the reference code, run outside the repository (apple/ml-tarflow 313120e,
+transformer_flow.py; Minokori/GS-Jacobi_for_TarFlow 4593d3f, GS_Jacobi_sampling.py), on one random
+conditional TarFlow (img 8, patch 2: T = 16 tokens of D = 4; 4 blocks x 2 layers, 64 channels, 3
+classes, proj_out ~ N(0, 0.02^2)) loaded with the same state dict into all three; 8 samples of z,
+scaled by 0.8 so that no iterate reaches the clamp, each run alone through the GS-Jacobi reference
+(its stopping test is over the batch). Max abs differences:
+- float64 (the references' .float() casts removed: with them their layer norms fail in float64 and
+  their exp rounds to float32): apple's reverse vs `sequential` 2.7e-15, guided (g 1.5; g 2 annealed
+  with attn_temp 0.7; a only) 3.6e-15; GS-Jacobi reference vs ours: Jacobi (ebound 1e-6; guess zeros
+  with ebound 1e-4; a fixed 5 iterations) 1.3e-15, GS-Jacobi in [4, 2, 1, 8] modules (sampling order),
+  and with a sequential block, 1.6e-15, guided 2.2e-15, guided and annealed 1.8e-9 (the reference
+  computes the annealing factors of its parallel modes in float32, torch.arange(..) / (T - 1)).
+  Per-block passes (the reference's reverse_substep calls) equal ours in 8/8 samples in all nine
+  settings.
+- float32, the reference files unmodified: the sequential inverse bit-identical (0.0), guided 2.4e-6
+  (our guided pair is one batch), Jacobi and GS-Jacobi 6e-7 to 1.4e-6; passes equal in 8/8 samples,
+  7/8 in the two annealed guided settings (one block's update norm on the other side of ebound).
+- iterates beyond the clamp (z x 1.6): the 6 samples where no block's z_0 leaves [-3, 3] agree to
+  1.3e-15, the 2 where one does differ by up to 0.15: the reference's Jacobi mode clamps token 0.
+The forward map, the log-determinant and the denoising step: harness.models.tarflow's docstring.
 """
 
 from __future__ import annotations
@@ -63,8 +80,6 @@ from harness.nfe import PassCounter
 GUESSES = ("z", "zeros")  # the reference's guess_list values 0 and 1
 DEFAULT_EBOUND = 1e-6  # GS_Jacobi_sampling.Model.reverse
 DEFAULT_CLAMP = 3.0  # torch.clamp(x_next, min=-3, max=3) there
-
-SIDE_BY_SIDE = """(filled in by the side-by-side check)"""
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,14 @@ def invert(model: TarFlow, z: torch.Tensor, y: torch.Tensor | None, strategies: 
     cost["block_iterations_max"] = [int(it.max()) for it in iterations]
     cost["strategy"] = [asdict(s) for s in strategies]
     return Inversion(model.unpatchify(x), cost)
+
+
+def denoise_step(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None, step_scale: float = 1.0) -> Inversion:
+    """TarFlow's last sampling step (TarFlow.score_denoise) with its cost counted as the inverses' are:
+    one forward pass of every block over all T tokens (and its backward, not counted as a pass)."""
+    with PassCounter(model.blocks, x.shape[0]) as counter:
+        x = model.score_denoise(x, y, step_scale)
+    return Inversion(x, counter.summary())
 
 
 def module_bounds(num_tokens: int, num_gs: int) -> list[tuple[int, int]]:
