@@ -121,6 +121,18 @@ def test_the_update_norm_stops_each_sample_on_its_own(model):
     assert batch.cost["block_iterations_max"][0] < T  # it stopped before exact convergence
 
 
+def test_gs_jacobi_samples_do_not_depend_on_their_batch(model):
+    """Rows that stop early keep their cached keys and values while the others iterate on."""
+    z = noise(6)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    kwargs = dict(num_gs=[4, 2, 8], max_iter=[30] * K, guess=["z", "zeros", "z"], ebound=1e-4, clamp=None)
+    batch = gs_jacobi(model, z, y, **kwargs)
+    alone = [gs_jacobi(model, z[i:i + 1], y[i:i + 1], **kwargs) for i in range(6)]
+    assert len({tuple(a.cost["block_iterations_max"]) for a in alone}) > 1  # samples stop at different passes
+    for i, a in enumerate(alone):
+        assert (a.x - batch.x[i:i + 1]).abs().max() < 1e-12
+
+
 def test_counted_passes_equal_hand_counts(model):
     z = noise(4)
     y = LABELS[:4].clamp(min=0)
@@ -170,6 +182,33 @@ def test_guided_inverses_agree(model, guidance):
     gsj = gs_jacobi(model, z, y, num_gs=[2, 4, 1], max_iter=[100] * K, guess=["z"] * K, ebound=1e-12, clamp=None,
                     guidance=guidance)
     assert rms(gsj.x, exact.x) <= 1e-5
+
+
+def apples_annealed_reverse(model, z, y, scale):
+    """apple/ml-tarflow's MetaBlock.reverse loop, written out with guidance on a and b annealed by
+    (i + 1) / (T - 1): the conditional pass with y, the unconditional one with the mean embedding, over
+    the whole prefix each step (no cache)."""
+    x = model.prior_tokens(z)
+    for block in reversed(model.blocks):
+        x = block.permute(x).clone()
+        for i in range(T - 1):
+            a, b = (t[:, -1] for t in block.transform(x[:, :i + 1], y))
+            a_u, b_u = (t[:, -1] for t in block.transform(x[:, :i + 1], None))
+            g = (i + 1) / (T - 1) * scale
+            x[:, i + 1] = x[:, i + 1] * torch.exp(a + g * (a - a_u)) + b + g * (b - b_u)
+        x = block.permute(x)
+    return model.unpatchify(x)
+
+
+def test_annealed_guidance_is_apples(model):
+    z, y = noise(3), torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        expected = apples_annealed_reverse(model, z, y, 2.0)
+    guided = Guidance(scale=2.0, annealed=True)
+    assert (sequential(model, z, y, guidance=guided).x - expected).abs().max() < 1e-12
+    gsj = gs_jacobi(model, z, y, num_gs=[2, 1, 4], max_iter=[100] * K, guess=["z"] * K, ebound=1e-12, clamp=None,
+                    guidance=guided)
+    assert rms(gsj.x, expected) <= 1e-5
 
 
 def test_guidance_limits(model):
@@ -267,10 +306,12 @@ def test_choose_strategy_takes_the_smaller_igm_and_counts_the_worst_case():
 def test_igm_is_one_jacobi_update_from_each_guess():
     """IGM of a one-block flow from its own inverse: ||mean(x1 - x)|| with x1 the first Jacobi iterate
     from guess z (resp. zeros), computed here through the solver, there through the forward pass."""
-    model = random_tarflow({**TINY, "num_blocks": 1, "num_classes": 0}, out_std=0.3)
+    model = random_tarflow({**TINY, "num_blocks": 1}, out_std=0.3)
     images = torch.rand(64, 1, 8, 8, dtype=torch.float64) * 2 - 1
-    metrics = block_metrics(model, images, batch_size=24)
-    z = model.unpatchify(model(images)[0])
+    labels = torch.arange(64) % 3
+    # as the reference: the forward pass with the labels, the update with the mean class embedding
+    metrics = block_metrics(model, images, labels, batch_size=24)
+    z = model.unpatchify(model(images, labels)[0])
     for guess in ("z", "zeros"):
         x1 = jacobi(model, z, None, max_iter=1, ebound=0, guess=guess, clamp=None).x
         residual = (model.patchify(x1) - model.patchify(images)).mean(dim=0)
