@@ -1,0 +1,1 @@
+"""Training of the embedded zoo's neural models: deterministic, on CPU, with a progress bar."""
