@@ -166,24 +166,31 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def graph_tensors(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+    """The tensors a GraphModule's graph reads (its get_attr nodes), in graph order."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            obj = gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            if isinstance(obj, torch.Tensor):
+                out.append(obj)
+    return out
+
+
 def model_size_bytes(module: torch.nn.Module) -> int:
     """Bytes of the tensors a module computes with. For an FX GraphModule (a PT2E conversion) only
-    the tensors its graph reads (get_attr) count: convert_pt2e leaves the fp32 originals of the
-    quantised weights as unused attributes. Shared tensors count once."""
+    the tensors its graph reads count: convert_pt2e leaves the fp32 originals of the quantised
+    weights behind as unused attributes. Shared tensors count once."""
     if isinstance(module, torch.fx.GraphModule):
-        tensors = []
-        for node in module.graph.nodes:
-            if node.op == "get_attr":
-                obj = module
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
-                if isinstance(obj, torch.Tensor):
-                    tensors.append(obj)
+        tensors = graph_tensors(module)
     else:
         tensors = [*module.parameters(), *module.buffers()]
     seen, total = set(), 0
     for t in tensors:
-        key = id(t) if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter) else (t.data_ptr(), t.numel(), t.dtype)
+        subclass = hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter)
+        key = id(t) if subclass else (t.data_ptr(), t.numel(), t.dtype)
         if key not in seen:
             seen.add(key)
             total += tensor_bytes(t)

@@ -50,9 +50,10 @@ def _batch_range(ep) -> tuple[int, int]:
     b = x.meta["val"].shape[0]
     if isinstance(b, int):
         return b, b
+    from torch.utils._sympy.numbers import int_oo
+
     vr = ep.range_constraints[b.node.expr]
-    hi = vr.upper
-    return int(vr.lower), (int(hi) if hi.is_finite else 2**31 - 1)
+    return int(vr.lower), (2**31 - 1 if vr.upper == int_oo else int(vr.upper))
 
 
 def export_prepared(net: torch.nn.Module, example: tuple, fp32_modules=()):

@@ -100,7 +100,7 @@ def first_and_last(net: torch.nn.Module, example: tuple) -> tuple[str, str]:
     a UNet2DModel runs its time embedding's Linear before conv_in."""
     names = {m: n for n, m in net.named_modules() if isinstance(m, LAYERS)}
     x, t, c = example
-    found, outputs = {}, {}
+    found, outputs = {}, []  # outputs keeps the tensors alive, so identity is not confused by a reused id()
     hooks = []
 
     def before(mod, inp, n):
@@ -108,7 +108,7 @@ def first_and_last(net: torch.nn.Module, example: tuple) -> tuple[str, str]:
             found.setdefault("first", n)
 
     def after(mod, inp, out, n):
-        outputs[id(out)] = n
+        outputs.append((out, n))
 
     for m, n in names.items():  # hooks return None: they only look
         hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=n: before(mod, inp, n)))
@@ -119,10 +119,11 @@ def first_and_last(net: torch.nn.Module, example: tuple) -> tuple[str, str]:
     finally:
         for h in hooks:
             h.remove()
-    if "first" not in found or id(out) not in outputs:
+    last = [n for o, n in outputs if o is out]
+    if "first" not in found or not last:
         raise ConfigError("simulate: cannot tell which Conv2d/Linear reads the network input and which writes its output; "
                           "pass keep_8bit=(first_name, last_name) or keep_8bit=()")
-    return found["first"], outputs[id(out)]
+    return found["first"], last[0]
 
 
 def simulate(net, scheme: str, calibration, *, keep_8bit=None, progress=True, qparams: Artifact | None = None) -> QuantizedNet:
