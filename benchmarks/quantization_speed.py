@@ -9,9 +9,10 @@ interleaved rounds so that a busy neighbour slows every variant alike (median pe
 
 w8a8 is harness.quantization's PT2E path (calibrated on random inputs at uniform time steps: the
 weights are random too, so this measures speed, not quality); w8 is torchao Int8WeightOnlyConfig.
-Prints each median (wall clock; process CPU time beside it), the relative output error against fp32 eager, model sizes, the kernels the
-w8a8 graph ran, and last `speedup_w8a8=X` (compiled fp32 / w8a8). When that is under 2 (or with
---profile) it prints where the time goes: torch.profiler's top operators of both compiled graphs.
+Prints each median (wall clock; process CPU time beside it), the relative output error against fp32
+eager, model sizes, the kernels the w8a8 graph ran, and last `speedup_w8a8=X` (compiled fp32 /
+w8a8). When that is under 2 (or with --profile) it prints where the time goes: torch.profiler's top
+operators of both compiled graphs.
 
     python benchmarks/quantization_speed.py [--batch 16] [--threads 2] [--rounds 10] [--profile]
 """
@@ -30,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from harness.quantization import calibration_timesteps, fp32_size_bytes, quantize  # noqa: E402
-from harness.quantization.base import TensorNet  # noqa: E402
+from harness.quantization import calibration_timesteps, fp32_size_bytes, quantize
+from harness.quantization.base import TensorNet
 
 
 def mid_unet():

@@ -14,10 +14,10 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("torchao")
 
-import harness.quantization as Q  # noqa: E402
-from harness.errors import ConfigError, StepbenchError  # noqa: E402
-from harness.quantization.base import graph_tensors  # noqa: E402
-from harness.quantization.simulate import first_and_last  # noqa: E402
+import harness.quantization as Q
+from harness.errors import ConfigError, StepbenchError
+from harness.quantization.base import graph_tensors
+from harness.quantization.simulate import first_and_last
 
 W8A8_MAX_REL_ERR = 0.10
 
@@ -100,7 +100,7 @@ def test_w8a8_compiled_graph_runs_onednn_int8_kernels(w8a8_compiled):
 
 
 def test_w8a8_error_is_nonzero_and_bounded(w8a8_compiled, w8a8_eager, probe):
-    q, out5 = w8a8_compiled
+    _, out5 = w8a8_compiled
     x, t, c, ref = probe
     err = rel(out5, ref[:5])
     assert 1e-3 < err < W8A8_MAX_REL_ERR, err

@@ -7,7 +7,7 @@ UNet2DModel. `quantize` returns a QuantizedNet, callable the same way and return
 |---|---|---|---|
 | w8a8 | CPU | PT2E static int8: oneDNN int8 qconv/qlinear, compiled with freezing (pt2e.py) | observers' ranges |
 | w8 | any | torchao Int8WeightOnlyConfig on nn.Linear, compiled (weight_only.py) | none |
-| w8a8, fp8 | CUDA | torchao int8 / float8 dynamic-activation configs on nn.Linear (weight_only.py) | none (dynamic scales) |
+| w8a8, fp8 | CUDA | torchao int8 / float8 dynamic-activation configs on nn.Linear (weight_only.py) | none (dynamic) |
 | wNaM, simulate=True | any | fake-quant, fp32 kernels, no speed claim (simulate.py) | activation ranges |
 
 The artifact (`qnet.artifact`, saved by `save_artifact` as one safetensors file with JSON metadata,
@@ -25,11 +25,17 @@ import torch
 
 from harness.errors import ConfigError, StepbenchError
 from harness.quantization.base import Artifact, QuantizedNet, TensorNet, model_size_bytes, net_sha256
-from harness.quantization.calibration import (TIMESTEP_KINDS, CalibrationInput, as_inputs, calibration_timesteps,
-                                              normalise_calibration)
+from harness.quantization.calibration import (
+    TIMESTEP_KINDS,
+    CalibrationInput,
+    as_inputs,
+    calibration_timesteps,
+    normalise_calibration,
+)
 
-__all__ = ["quantize", "rebuild", "save_artifact", "load_artifact", "calibration_timesteps", "model_size_bytes",
-           "fp32_size_bytes", "QuantizedNet", "Artifact", "CalibrationInput", "TIMESTEP_KINDS", "SCHEMES"]
+__all__ = ["SCHEMES", "TIMESTEP_KINDS", "Artifact", "CalibrationInput", "QuantizedNet", "TensorNet", "as_inputs",
+           "calibration_timesteps", "fp32_size_bytes", "load_artifact", "model_size_bytes", "normalise_calibration",
+           "quantize", "rebuild", "save_artifact"]
 
 SCHEMES = ("w8a8", "w8", "fp8")  # real kernels; any wNaM / wN with simulate=True
 _META_KEY = "stepbench.quantization"
@@ -53,7 +59,8 @@ def quantize(net: torch.nn.Module, scheme: str, calibration=None, *, simulate: b
         return fake_quant(net, scheme, normalise_calibration(calibration, scheme), keep_8bit=keep_8bit, progress=progress)
     if scheme not in SCHEMES:
         hint = "; it has no fast kernel here: set simulate: true" if scheme.startswith("w") else ""
-        raise ConfigError(f"quantization scheme {scheme!r} unknown{hint}; valid: {', '.join(SCHEMES)} (or any wNaM with simulate: true)")
+        raise ConfigError(f"quantization scheme {scheme!r} unknown{hint}; "
+                          f"valid: {', '.join(SCHEMES)} (or any wNaM with simulate: true)")
     if scheme == "w8a8" and device.type == "cpu":
         from harness.quantization.pt2e import w8a8
 
@@ -64,7 +71,8 @@ def quantize(net: torch.nn.Module, scheme: str, calibration=None, *, simulate: b
     return quantize_linear(net, scheme, fp32_modules=fp32_modules, compile=compile)
 
 
-def rebuild(net: torch.nn.Module, artifact: Artifact, *, compile: bool = True, batch_size: int | None = None) -> QuantizedNet:
+def rebuild(net: torch.nn.Module, artifact: Artifact, *, compile: bool = True,
+            batch_size: int | None = None) -> QuantizedNet:
     """The quantised network an artifact describes, from the same fp32 `net`, without calibrating."""
     meta = artifact.meta
     if meta.get("net_sha256") != net_sha256(net):
@@ -90,9 +98,8 @@ def rebuild(net: torch.nn.Module, artifact: Artifact, *, compile: bool = True, b
 
 def save_artifact(path, artifact: Artifact) -> Path:
     """One .safetensors file: the tensors, and the metadata as JSON in its header (no pickle)."""
-    from safetensors.torch import save_file
-
     import torchao
+    from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

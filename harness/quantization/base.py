@@ -92,8 +92,8 @@ class QuantizedNet:
                 xs, ts, cs = x[s:s + n], t[s:s + n], None if c is None else c[s:s + n]
                 rows = xs.shape[0]
                 if rows < n:  # pad to the compiled batch with copies of the last row
-                    pad = lambda v: torch.cat([v, v[-1:].expand(n - rows, *v.shape[1:])])
-                    xs, ts, cs = pad(xs), pad(ts), None if cs is None else pad(cs)
+                    xs, ts, cs = (None if v is None else torch.cat([v, v[-1:].expand(n - rows, *v.shape[1:])])
+                                  for v in (xs, ts, cs))
                 outs.append(self._run(xs, ts, cs)[:rows])
             return torch.cat(outs)
 
@@ -138,8 +138,8 @@ class QuantizedNet:
     def record(self) -> dict:
         """What a quantised cell records beside its timings."""
         return {"scheme": self.scheme, "simulated": self.simulated, "size_bytes": self.size_bytes(),
-                "size_note": ("nominal: packed bit width of the simulated weights plus their scales"
-                              if self.simulated else "bytes the quantised network holds (int8 weights, scales, zero points, fp32 rest)"),
+                "size_note": ("nominal: packed bit width of the simulated weights plus their scales" if self.simulated
+                              else "bytes the quantised network holds (int8 weights, scales, zero points, fp32 rest)"),
                 "precision": self.precision(), "compiled": self.compiled,
                 "compiled_batch": self.compiled_batch, "timesteps_dtype": "float32"}
 

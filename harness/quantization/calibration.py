@@ -16,7 +16,7 @@ full-precision model's own sampling trajectory at the nearest step):
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

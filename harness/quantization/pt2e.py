@@ -81,8 +81,8 @@ def load_observer_state(prepared: torch.fx.GraphModule, state: dict[str, torch.T
     mine = prepared.state_dict(keep_vars=True)
     want = {k for k in mine if k.startswith(OBSERVER_PREFIX)}
     if want != set(state):
-        raise StepbenchError(f"w8a8 artifact does not fit this network's prepared graph "
-                             f"({len(set(state) - want)} observer buffers unknown, {len(want - set(state))} missing); recalibrate")
+        raise StepbenchError(f"w8a8 artifact does not fit this network's prepared graph ({len(set(state) - want)} "
+                             f"observer buffers unknown, {len(want - set(state))} missing); recalibrate")
     with torch.no_grad():
         for k, v in state.items():
             mine[k].resize_(v.shape).copy_(v)  # in place: see the module docstring on eps
@@ -106,7 +106,7 @@ def w8a8(net, calibration, *, fp32_modules=(), compile=True, batch_size=None, pr
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     if next(net.parameters()).device.type != "cpu":
-        raise ConfigError("w8a8 through PT2E + X86InductorQuantizer runs on CPU; on CUDA use torchao's configs (see weight_only)")
+        raise ConfigError("w8a8 through PT2E + X86InductorQuantizer runs on CPU; on CUDA quantize() uses torchao's configs")
     net = net.eval()
     prepared, batch_range = export_prepared(net, calibration[0], fp32_modules)
     if observers is None:
@@ -116,6 +116,7 @@ def w8a8(net, calibration, *, fp32_modules=(), compile=True, batch_size=None, pr
         load_observer_state(prepared, observers)
     converted = convert_pt2e(prepared)
     conditional = calibration[0][2] is not None
+    lo, hi = batch_range
     artifact = Artifact(observers, {"scheme": "w8a8", "simulate": False, "net_sha256": net_sha256(net),
                                     "fp32_modules": list(fp32_modules), "conditional": conditional,
                                     "example_shape": list(calibration[0][0].shape[1:]),
@@ -123,8 +124,8 @@ def w8a8(net, calibration, *, fp32_modules=(), compile=True, batch_size=None, pr
     runner = torch.compile(converted, dynamic=False) if compile else converted
     return QuantizedNet(runner=runner, scheme="w8a8", simulated=False, module=converted, artifact=artifact,
                         conditional=conditional, batch_range=batch_range,
-                        compiled_batch=None if batch_size is None else min(max(batch_size, batch_range[0]), batch_range[1]),
+                        compiled_batch=None if batch_size is None else min(max(batch_size, lo), hi),
                         compiled=compile, freezing=compile, capture_kernels=compile, require_int8=compile,
-                        kernel_note=("int8 PT2E, not yet run (kernels are read from the compiled code on the first call)" if compile
-                                     else "fp32 (PT2E q/dq reference graph, eager: int8 weights dequantised, no int8 kernels)"))
+                        kernel_note=("int8 PT2E, not run yet (its kernels are read from the compiled code on the first call)"
+                                     if compile else "fp32 (PT2E q/dq reference graph, eager: int8 weights dequantised)"))
 

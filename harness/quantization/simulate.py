@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness.errors import ConfigError
-from harness.quantization.base import Artifact, QuantizedNet, TensorNet, model_size_bytes, net_sha256
+from harness.quantization.base import Artifact, QuantizedNet, TensorNet, net_sha256
 
 EPS = 2**-12  # the x86 PT2E config's observer eps, so simulated W8A8 ranges match real w8a8's
 LAYERS = (torch.nn.Conv2d, torch.nn.Linear)
@@ -126,7 +126,8 @@ def first_and_last(net: torch.nn.Module, example: tuple) -> tuple[str, str]:
     return found["first"], last[0]
 
 
-def simulate(net, scheme: str, calibration, *, keep_8bit=None, progress=True, qparams: Artifact | None = None) -> QuantizedNet:
+def simulate(net, scheme: str, calibration, *, keep_8bit=None, progress=True,
+             qparams: Artifact | None = None) -> QuantizedNet:
     """Fake-quantised copy of `net` at `scheme` (e.g. 'w4a8', 'w8a8', 'w4'). `keep_8bit`: layer
     names whose weights stay 8-bit (None: the first and last layer). With `qparams` (an artifact)
     the calibrated ranges are loaded instead of observed."""

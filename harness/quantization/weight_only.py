@@ -28,14 +28,17 @@ NOTES = {
     ("w8", "cuda"): "int8-stored Linear weights (torchao Int8WeightOnly); convolutions in the network's dtype",
     ("w8a8", "cuda"): "int8 x int8 Linear GEMMs with dynamic activation scales (torchao Int8DynamicActivationInt8Weight, "
                       "torch._int_mm); convolutions in the network's dtype",
-    ("fp8", "cuda"): "float8 e4m3 Linear GEMMs with dynamic activation scales (torchao Float8DynamicActivationFloat8Weight); "
-                     "convolutions in the network's dtype",
+    ("fp8", "cuda"): "float8 e4m3 Linear GEMMs with dynamic activation scales "
+                     "(torchao Float8DynamicActivationFloat8Weight); convolutions in the network's dtype",
 }
 
 
 def _config(scheme: str, device: torch.device):
-    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig,
-                                      Int8WeightOnlyConfig)
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+    )
 
     if scheme == "w8":
         # set_inductor_config=False: torchao would otherwise change process-wide Inductor settings
