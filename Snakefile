@@ -82,6 +82,7 @@ localrules:
 
 
 include: "rules/zoo.smk"
+include: "rules/train.smk"
 include: "rules/reference.smk"
 include: "rules/prepare.smk"
 include: "rules/sample.smk"

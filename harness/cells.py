@@ -13,6 +13,7 @@ from harness import prepared
 from harness.cellstore import MemoryStore, PartialCell
 from harness.config import config_hash
 from harness.files import sha256_file, write_json
+from harness.labels import sample_labels
 from harness.memory import PeakMemory
 from harness.methods import make_sampler
 from harness.models import load_denoiser, resolve_device
@@ -32,6 +33,7 @@ class Generated:
     network_s: float  # of wall_s, inside denoiser calls
     status: str  # ok | diverged
     latents: np.ndarray | None = None  # latent models: float32 [S, ...] before decode (mse_ref's space)
+    labels: np.ndarray | None = None  # class-conditional models: int64 [S], sample i's from (seed, i)
 
 
 def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int, batch_size: int,
@@ -45,11 +47,15 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
     progress = _progress(len(starts), num_samples > 4 * batch_size)
     for start in starts:
         counted = CountingDenoiser(denoiser)
-        gen = SampleNoise(seed, range(start, min(start + batch_size, num_samples)), device=info.device)
+        rows = range(start, min(start + batch_size, num_samples))
+        gen = SampleNoise(seed, rows, device=info.device)
         noise = gen.randn(info.data_shape, dtype=info.dtype)
+        cond = None
+        if info.num_classes:
+            cond = torch.as_tensor(sample_labels(seed, rows, info.num_classes), device=info.device)
         _sync(info.device)
         t0 = time.perf_counter()
-        z0 = sampler.sample(counted, noise, nfe, None, gen)
+        z0 = sampler.sample(counted, noise, nfe, cond, gen)
         x0 = denoiser.decode(z0)
         _sync(info.device)
         wall = time.perf_counter() - t0
@@ -65,9 +71,10 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
     progress.close()
     records = store.finished().values()
     status = "ok" if all(r["finite"] for r in records) else "diverged"
+    labels = sample_labels(seed, range(num_samples), info.num_classes) if info.num_classes else None
     return Generated(store.array("samples"), store.array("noise"), sum(r["rows"] for r in records) / num_samples,
                      sum(r["wall_s"] for r in records), sum(r["network_s"] for r in records), status,
-                     store.array("latents"))
+                     store.array("latents"), labels)
 
 
 def _progress(batches: int, show: bool):
@@ -112,7 +119,7 @@ def run_cell(
     store = PartialCell(out_dir, {"config_hash": config, "batch_size": batch_size, "keep_noise": keep_noise},
                         num_samples)
     with PeakMemory(device) as peak:
-        denoiser = load_denoiser(model_spec, device)
+        denoiser = load_denoiser(model_spec, device, cache_dir, model_id)
         flops = flops_of_model(cache_dir, model_id, model_spec, batch_size, denoiser)
         threads = choose_threads(denoiser, flops["flops_per_call"])
         with use_threads(threads):
@@ -120,7 +127,8 @@ def run_cell(
 
     # metrics of samples this run replaces would otherwise be reported as this cell's
     (out_dir / "metrics.json").unlink(missing_ok=True)
-    store.write_npz(out_dir / "samples.npz", ["samples", "noise", "latents"])
+    store.write_npz(out_dir / "samples.npz", ["samples", "noise", "latents"],
+                    {"labels": result.labels} if result.labels is not None else None)
     cell = {
         "model": model_id,
         "method": method_id,

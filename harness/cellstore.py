@@ -152,7 +152,7 @@ class NpzArray:
         with open(self.path, "rb") as handle:
             handle.seek(self.offset + start * row * self.dtype.itemsize)
             data = handle.read((stop - start) * row * self.dtype.itemsize)
-        return np.frombuffer(data, dtype=self.dtype).reshape(stop - start, *self.shape[1:])
+        return np.frombuffer(bytearray(data), dtype=self.dtype).reshape(stop - start, *self.shape[1:])  # writable
 
     def chunks(self, size: int):
         for start in range(0, len(self), size):

@@ -141,6 +141,24 @@ def reference(model_id, kind, num_samples, seed, models_file, methods_file, cach
 
 
 @cli.command()
+@click.argument("model_id")
+@models_file_opt
+@cache_opt
+def train(model_id, models_file, cache_dir):
+    """Train (or find cached) a model the workflow trains (models.yaml `train:`); print its folder.
+
+    Example: stepbench train digits-unet
+    """
+    from harness.config import load_models, lookup
+    from harness.training import train_model
+
+    models = load_models(models_file)
+    if "train" not in lookup(models, model_id, models_file, "model"):
+        raise StepbenchError(f"{models_file}: model {model_id!r} has no 'train' section: it is loaded, not trained")
+    click.echo(train_model(model_id, models, cache_dir))
+
+
+@cli.command()
 @click.option("--model", "model_id", required=True, help="Model id from the models file.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Batch of the measured call [default: the model's batch_size].")

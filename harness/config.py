@@ -104,10 +104,9 @@ def _check_choice(path, key: str, value: str, valid: list[str]) -> None:
 
 
 def load_models(path: str | Path = "models.yaml") -> dict[str, dict]:
+    from harness.datasets import DATASETS
     from harness.metrics import METRICS
     from harness.models import MODELS
-
-    from harness.datasets import DATASETS
 
     data = load_yaml(path)
     validate(data, "models", path)
@@ -117,6 +116,11 @@ def load_models(path: str | Path = "models.yaml") -> dict[str, dict]:
             _check_choice(path, f"{model_id}.dataset", spec["dataset"], list(DATASETS))
         for i, metric in enumerate(spec["metrics"]):
             _check_choice(path, f"{model_id}.metrics.{i}", metric, METRICS.names())
+    if any("train" in spec for spec in data.values()):
+        from harness.training import annotate_keys
+
+        with in_file(path):
+            annotate_keys(data, path)  # each trained entry's cache key (its teacher's included)
     return data
 
 

@@ -43,7 +43,7 @@ def load_or_measure(cache_dir, model_id: str, model_spec: dict, batch_size: int,
     if denoiser is None:
         from harness.models import load_denoiser
 
-        denoiser = load_denoiser(model_spec, device)
+        denoiser = load_denoiser(model_spec, device, cache_dir, model_id)
     record = measure(denoiser, batch_size)
     write_json(path, record)
     return record

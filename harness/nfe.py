@@ -22,6 +22,7 @@ class CountingDenoiser(Denoiser):
     def __init__(self, inner: Denoiser):
         self.inner = inner
         self.info = inner.info
+        self.exact_flow = inner.exact_flow
         self.rows = 0
         self.network_s = 0.0
         self._cuda = torch.device(inner.info.device).type == "cuda"

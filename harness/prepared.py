@@ -11,10 +11,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from harness.config import config_hash
 from harness.errors import StepbenchError
 from harness.files import load_artifact, save_artifact
+from harness.labels import sample_labels
 from harness.models import load_denoiser
+from harness.models.base import Denoiser
 from harness.nfe import CountingDenoiser
 
 CALIBRATION_SEED = 2**31 - 1  # cells use small seeds; calibration draws never coincide with theirs
@@ -38,12 +42,33 @@ def prepare(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nf
         raise StepbenchError(f"method {method_id!r} has nothing to prepare")
     if path.exists():
         return path
-    denoiser = CountingDenoiser(load_denoiser(model_spec, device))
+    denoiser = CountingDenoiser(calibration_labels(load_denoiser(model_spec, device, cache_dir, model_id)))
     t0 = time.perf_counter()
     artifact = sampler.prepare(denoiser, nfe if sampler.prepare_scope == "nfe" else None, CALIBRATION_SEED)
     cost = {"wall_s": time.perf_counter() - t0, "denoiser_rows": denoiser.rows, "network_s": denoiser.network_s}
     save_artifact(path, {"artifact": artifact, "cost": cost})
     return path
+
+
+class _CalibrationLabels(Denoiser):
+    """A class-conditional denoiser called without labels during calibration: row r gets the label sample r of
+    the calibration seed gets (balanced over the classes), instead of the unconditional model."""
+
+    def __init__(self, inner: Denoiser):
+        self.inner, self.info = inner, inner.info
+
+    def denoise(self, x, sigma, cond=None):
+        if cond is None:
+            cond = torch.as_tensor(sample_labels(CALIBRATION_SEED, range(len(x)), self.info.num_classes),
+                                   device=x.device)
+        return self.inner.denoise(x, sigma, cond)
+
+    def decode(self, x0):
+        return self.inner.decode(x0)
+
+
+def calibration_labels(denoiser: Denoiser) -> Denoiser:
+    return _CalibrationLabels(denoiser) if denoiser.info.num_classes else denoiser
 
 
 def load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe: int) -> dict | None:

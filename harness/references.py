@@ -46,7 +46,7 @@ def load_or_compute(cache_dir, model_id, model_spec, kind, seed, num_samples, me
     """The reference's decoded `samples`, or (latent models, kind solver) its pre-decode `latents`."""
     path = reference_path(cache_dir, model_id, model_spec, kind, seed, num_samples, methods)
     if not path.exists() or not _holds(path, array):  # a file from before latents were stored: recompute
-        compute(path, model_id, model_spec, kind, seed, num_samples, methods, device)
+        compute(path, model_id, model_spec, kind, seed, num_samples, methods, device, cache_dir)
     with np.load(path, allow_pickle=False) as data:
         if array not in data.files:
             raise StepbenchError(f"{path}: reference has no {array!r} (only latent models' solver references do)")
@@ -60,7 +60,7 @@ def open_reference(cache_dir, model_id, model_spec, kind, seed, num_samples, met
 
     path = reference_path(cache_dir, model_id, model_spec, kind, seed, num_samples, methods)
     if not path.exists() or not _holds(path, array):
-        compute(path, model_id, model_spec, kind, seed, num_samples, methods, device)
+        compute(path, model_id, model_spec, kind, seed, num_samples, methods, device, cache_dir)
     if not _holds(path, array):
         raise StepbenchError(f"{path}: reference has no {array!r} (only latent models' solver references do)")
     return NpzArray(path, array)
@@ -71,8 +71,10 @@ def _holds(path: Path, array: str) -> bool:
         return array in data.files
 
 
-def compute(path: Path, model_id, model_spec, kind, seed, num_samples, methods, device="cpu") -> None:
-    denoiser = CountingDenoiser(load_denoiser(model_spec, device))  # times the network calls (accounting)
+def compute(path: Path, model_id, model_spec, kind, seed, num_samples, methods, device="cpu",
+            cache_dir=None) -> None:
+    # times the network calls (accounting)
+    denoiser = CountingDenoiser(load_denoiser(model_spec, device, cache_dir, model_id))
     if kind == "exact":
         if not denoiser.info.extra.get("analytic"):
             raise StepbenchError(f"exact_err needs an analytic model; {model_id!r} is not (use mse_ref)")
@@ -109,7 +111,7 @@ def _reference_method(model_id: str, model_spec: dict, methods: dict) -> dict:
     return lookup(methods, ref["method"], methods_file, "method")
 
 
-def exact_solution(denoiser, seed: int, num_samples: int, chunk: int = 500) -> np.ndarray:
+def exact_solution(denoiser, seed: int, num_samples: int, chunk: int = 500, closed_form: bool = True) -> np.ndarray:
     from scipy.integrate import solve_ivp
 
     process, info = denoiser.process, denoiser.info
@@ -119,6 +121,9 @@ def exact_solution(denoiser, seed: int, num_samples: int, chunk: int = 500) -> n
         gen = SampleNoise(seed, range(start, min(start + chunk, num_samples)))
         x0 = gen.randn(info.data_shape, dtype=torch.float64) * process.prior_std(s_max)
         shape = x0.shape
+        if denoiser.exact_flow is not None and closed_form:  # a model whose PF-ODE has one (GaussianData)
+            out.append(denoiser(denoiser.exact_flow(x0, s_max, s_min), s_min).numpy())
+            continue
 
         def rhs(u, y):
             x = torch.from_numpy(y).reshape(shape)

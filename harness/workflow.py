@@ -21,6 +21,7 @@ from harness.config import config_hash, load_methods, load_models
 from harness.grid import GridCell, expand_grid, grid_seeds
 from harness.errors import ConfigError, StepbenchError
 from harness.flops import flops_path
+from harness.training import MARKER, trained_folder
 from harness.methods import make_sampler
 from harness.models import check_model
 
@@ -45,6 +46,8 @@ class Plan:
     eval_inputs: dict[tuple[str, int], list[Path]] = field(default_factory=dict)  # (model, seed) -> cached files
     prepared: dict[tuple[str, str, int], Path] = field(default_factory=dict)  # cell -> its method's side data
     flops: dict[Path, tuple[str, int]] = field(default_factory=dict)  # FLOP count file -> (model, batch size)
+    trained: dict[Path, str] = field(default_factory=dict)  # a trained model's marker file -> model id
+    all_models: dict[str, dict] = field(default_factory=dict)  # models.yaml (trained models need their teachers)
     model_specs: dict[str, dict] = field(default_factory=dict)  # the grid's models, as models.yaml has them
     method_specs: dict[str, dict] = field(default_factory=dict)  # the grid's methods, as methods.yaml has them
 
@@ -71,6 +74,19 @@ class Plan:
     def reference_job(self, path) -> tuple[str, str, int]:
         """(model, kind, seed) of a reference solution file."""
         return _planned({file: key for key, file in self.references.items()}, path, "reference solution")
+
+    def model_inputs(self, model: str) -> list[Path]:
+        """Files a job that loads `model` needs first: its trained weights, for a model the workflow trains."""
+        spec = self.all_models.get(model, {})
+        return [trained_folder(self.cache_dir, spec) / MARKER] if "train" in spec else []
+
+    def train_job(self, path) -> str:
+        return _planned(self.trained, path, "trained model")
+
+    def train_inputs(self, path) -> list[Path]:
+        """A student's training needs its teacher trained."""
+        teacher = self.all_models[self.train_job(path)]["train"].get("teacher")
+        return self.model_inputs(teacher) if teacher else []
 
     def flops_job(self, path) -> tuple[str, int]:
         """(model, batch size) whose FLOPs per call a file holds."""
@@ -170,7 +186,11 @@ def plan(config: dict) -> Plan:
         num_samples={m: config.get("num_samples") or models[m].get("num_samples", 1000) for m in model_ids},
         model_specs={m: models[m] for m in model_ids},
         method_specs={m: methods[m] for m in dict.fromkeys(c.method for c in cells)},
+        all_models=models,
     )
+    for model_id in _with_teachers(model_ids, models):
+        if "train" in models[model_id]:
+            result.trained[trained_folder(cache_dir, models[model_id]) / MARKER] = model_id
     for cell in cells:
         sampler = make_sampler(methods[cell.method])
         path = prepared.artifact_path(cache_dir, cell.model, models[cell.model], cell.method, methods[cell.method],
@@ -196,6 +216,19 @@ def plan(config: dict) -> Plan:
                     needs.append(path)
             result.eval_inputs[(model_id, seed)] = sorted(set(needs))
     return result
+
+
+def _with_teachers(model_ids, models: dict) -> list[str]:
+    """The models and, recursively, the teachers their training distils."""
+    found, todo = [], list(model_ids)
+    while todo:
+        model_id = todo.pop(0)
+        if model_id not in found:
+            found.append(model_id)
+            teacher = models[model_id].get("train", {}).get("teacher")
+            if teacher:
+                todo.append(teacher)
+    return found
 
 
 def _planned(table: dict, path, what: str):

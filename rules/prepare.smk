@@ -5,6 +5,8 @@
 
 rule prepare:
     priority: 10
+    input:
+        lambda wc: PLAN.model_inputs(wc.model),
     output:
         f"{CACHE}/prepared/{{model}}/{{artifact}}.safetensors",
     params:

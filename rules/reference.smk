@@ -28,6 +28,8 @@ rule refstats:
 
 rule reference:
     priority: 10
+    input:
+        lambda wc: PLAN.model_inputs(wc.model),
     output:
         f"{CACHE}/references/{{model}}/{{kind}}-{{key}}.npz",
     params:
@@ -51,6 +53,8 @@ rule reference:
 
 rule flops:
     priority: 10
+    input:
+        lambda wc: PLAN.model_inputs(PLAN.flops_job(f"{CACHE}/flops/{wc.name}.json")[0]),
     output:
         f"{CACHE}/flops/{{name}}.json",
     params:

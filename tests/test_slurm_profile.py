@@ -38,7 +38,7 @@ CLUSTER_OPTIONS = ["--slurm-status-command", "squeue", "--slurm-no-account",
                    "--slurm-init-seconds-before-status-checks", "5"]
 # the profile gives every job that runs a network a GPU; this cluster has none
 NO_GPUS = ["--set-resources", *(f"{rule}:gpu=0" for rule in ("sample", "evaluate", "prepare", "reference",
-                                                               "refstats", "extractor", "flops"))]
+                                                               "refstats", "extractor", "flops", "train"))]
 TIMINGS = {"wall_s", "peak_mem_mb", "network_s"}  # columns that differ between any two runs
 TIMING_METRICS = {"wall_s_per_sample", "peak_mem_mb"}
 MACHINE = {"device", "git"}  # the same here; listed so a cluster of other nodes would not fail the test

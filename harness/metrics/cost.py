@@ -19,3 +19,14 @@ class PeakMemory(Metric):
     def compute(self, ctx: EvalContext) -> MetricValue:
         cell = ctx.cell
         return MetricValue(cell["peak_mem_mb"], provenance={"kind": cell["provenance"].get("peak_mem_kind")})
+
+
+class GFLOPsPerSample(Metric):
+    """Network FLOPs per sample: the audited calls times the FLOPs of one call measured by FlopCounterMode."""
+
+    name = "gflops_per_sample"
+
+    def compute(self, ctx: EvalContext) -> MetricValue:
+        cell = ctx.cell
+        return MetricValue(cell["gflops_per_sample"], provenance={"counter": "torch.utils.flop_counter.FlopCounterMode",
+                                                                   "calls": cell["nfe_measured"]})

@@ -9,6 +9,7 @@ from harness.registry import Registry
 MODELS: Registry = Registry("model adapter", "harness.models.base:Denoiser")
 MODELS.add("gmm2d", "harness.models.analytic:GaussianMixture")
 MODELS.add("digits_ideal", "harness.models.analytic:IdealDenoiser")
+MODELS.add("digits_gaussian", "harness.models.analytic:GaussianData")
 MODELS.add("diffusers_unet", "harness.models.diffusers_unet:DiffusersUNet")
 
 
@@ -17,11 +18,23 @@ def resolve_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_denoiser(spec: dict, device: str | torch.device = "cpu"):
-    """Build the Denoiser for one validated models.yaml entry."""
-    return MODELS.get(spec["adapter"]).from_config(spec, torch.device(device))
+def load_denoiser(spec: dict, device: str | torch.device = "cpu", cache_dir=None, model_id: str = "this model"):
+    """Build the Denoiser for one validated models.yaml entry; a model the workflow trains loads from its
+    folder in `cache_dir` (harness.training)."""
+    return MODELS.get(spec["adapter"]).from_config(with_source(spec, cache_dir, model_id), torch.device(device))
 
 
 def check_model(spec: dict) -> None:
-    """A models.yaml entry's cheap checks (files found, configs agreeing), without loading weights."""
-    MODELS.get(spec["adapter"]).check_spec(spec)
+    """A models.yaml entry's cheap checks (files found, configs agreeing), without loading weights; a model
+    the workflow trains has nothing to check before its training job."""
+    if "train" not in spec:
+        MODELS.get(spec["adapter"]).check_spec(spec)
+
+
+def with_source(spec: dict, cache_dir, model_id: str) -> dict:
+    """A trained entry with `source` set to the folder its training wrote."""
+    if "train" not in spec:
+        return spec
+    from harness.training import trained_source
+
+    return {**spec, "source": str(trained_source(spec, cache_dir, model_id))}

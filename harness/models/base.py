@@ -28,11 +28,16 @@ class DenoiserInfo:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     latent: bool = False  # samples live in a latent space; `decode` maps them to data
+    # class-conditional models: labels 0 .. num_classes - 1 as `cond`, null_class for "no class" (guidance)
+    num_classes: int = 0
+    null_class: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Denoiser(ABC):
     info: DenoiserInfo
+    # exact_flow(x, sigma_from, sigma_to): the PF-ODE's solution in closed form, where a model has one
+    exact_flow: Callable | None = None
 
     @classmethod
     def check_spec(cls, spec: dict) -> None:
@@ -73,9 +78,11 @@ class NetworkDenoiser(Denoiser):
     x_t = alpha * x~; the network's output is converted to x0_hat according to `info.prediction`.
     """
 
-    def __init__(self, net: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], info: DenoiserInfo):
+    def __init__(self, net: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], info: DenoiserInfo,
+                 module: torch.nn.Module | None = None):
         self.net = net
         self.info = info
+        self.module = module  # the network behind `net`, for transforms that need it (quantisation)
 
     def denoise(self, x, sigma, cond=None):
         process = self.info.process

@@ -12,8 +12,13 @@ prediction type (epsilon, v_prediction, sample) comes from that config; `params.
 state it too and is then checked. Networks with a learned variance (out_channels = 2 x in_channels,
 iDDPM) give their first half, the mean's prediction.
 
+Class-conditional networks (num_class_embeds in their config) take the class label of each sample as the
+Denoiser's `cond`; `params.null_class` names the label the network was trained on for "no class" (the
+unconditional half of classifier-free guidance), by default the last embedding (diffusers' and stepbench's
+trainers append it after the classes).
+
     params: {subfolder: unet, dtype: float32 | float16 | bfloat16 | float64, prediction: eps | v | x0,
-             cache_dir: the Hugging Face cache to read (default: HF_HUB_CACHE / ~/.cache/huggingface/hub)}
+             null_class: int, cache_dir: the Hugging Face cache to read (default: HF_HUB_CACHE / ~/.cache/huggingface/hub)}
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class DiffusersUNet(NetworkDenoiser):
         size = unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         channels = unet.config.in_channels
+        embeds = unet.config.num_class_embeds
+        null_class = params.get("null_class", embeds - 1 if embeds else None)
         info = DenoiserInfo(
             data_shape=(channels, height, width),
             data_range=(-1.0, 1.0),
@@ -54,15 +61,20 @@ class DiffusersUNet(NetworkDenoiser):
             process=process,
             dtype=dtype,
             device=device,
+            num_classes=embeds - 1 if embeds else 0,
+            null_class=null_class,
             extra={"source": source},
         )
 
         @torch.inference_mode()
         def net(x_t, t, cond=None):
-            out = unet(x_t, t, return_dict=False)[0]
+            labels = None
+            if embeds:  # a class-conditional network: no labels means the unconditional model
+                labels = cond if cond is not None else torch.full((len(x_t),), null_class, device=x_t.device)
+            out = unet(x_t, t, class_labels=labels, return_dict=False)[0]
             return out[:, :channels]  # learned-variance networks append their variance channels
 
-        return cls(net, info)
+        return cls(net, info, module=unet)
 
 
 def _checkpoint_setup(spec: dict) -> tuple[str, object, str]:

@@ -13,15 +13,14 @@ afterwards. A fixed step count, not a time budget, ends it.
 
 from __future__ import annotations
 
-import math
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from harness.errors import ConfigError, valid_names
 from harness.models.tarflow import TarFlow
+from harness.training.common import deterministic_cpu, warmup_cosine
 
 # The embedded digits-tarflow: the sizing of issue 17's trial (patch 1, T = 64 tokens, 4 blocks x 2
 # layers, 64 channels). One thread: on the shared 2-core machine, 2 threads made a step 3-4x slower
@@ -52,7 +51,7 @@ def train(config: dict, images, labels, *, seed: int, progress: bool = True) -> 
     x_all = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     n, batch = x_all.shape[0], min(cfg["batch_size"], x_all.shape[0])
-    with _deterministic_cpu(cfg["threads"], seed):
+    with deterministic_cpu(cfg["threads"], seed):
         gen = torch.Generator().manual_seed(seed)  # batch order, noise and label drops
         model = TarFlow.from_config(cfg["model"], where="training config 'model'")
         if tuple(x_all.shape[1:]) != model.data_shape:
@@ -110,27 +109,7 @@ def _checked(config: dict) -> dict:
 
 
 def _warmup_cosine(cfg: dict):
-    """Factor of lr at each step: linear from min_lr to lr over the warm-up, then cosine to min_lr (the
-    shape of apple's CosineLRSchedule)."""
-    lo, warmup, total = cfg["min_lr"] / cfg["lr"], cfg["warmup_steps"], cfg["steps"]
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return lo + (1 - lo) * (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))
-    return factor
+    """The shape of apple's CosineLRSchedule: linear warm-up, cosine decay to min_lr."""
+    return warmup_cosine(cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["steps"])
 
 
-@contextmanager
-def _deterministic_cpu(threads: int, seed: int):
-    saved_threads, saved_flag = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the model's initial weights
-            yield
-    finally:
-        torch.use_deterministic_algorithms(saved_flag)
-        torch.set_num_threads(saved_threads)
