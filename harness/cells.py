@@ -12,6 +12,7 @@ import torch
 from harness import prepared
 from harness.cellstore import MemoryStore, PartialCell
 from harness.config import config_hash
+from harness.errors import StepbenchError
 from harness.files import sha256_file, write_json
 from harness.labels import sample_labels
 from harness.memory import PeakMemory
@@ -34,6 +35,10 @@ class Generated:
     status: str  # ok | diverged
     latents: np.ndarray | None = None  # latent models: float32 [S, ...] before decode (mse_ref's space)
     labels: np.ndarray | None = None  # class-conditional models: int64 [S], sample i's from (seed, i)
+    evals_by_model: dict[str, float] | None = None  # evaluations per sample of each model (MAIN: the cell's)
+
+
+MAIN = "__cell_model__"  # the cell's own model among the models a method evaluates
 
 
 def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int, batch_size: int,
@@ -47,6 +52,7 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
     progress = _progress(len(starts), num_samples > 4 * batch_size)
     for start in starts:
         counted = CountingDenoiser(denoiser)
+        before = sampler.extra_counts()
         rows = range(start, min(start + batch_size, num_samples))
         gen = SampleNoise(seed, rows, device=info.device)
         noise = gen.randn(info.data_shape, dtype=info.dtype)
@@ -64,7 +70,11 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
             arrays["latents"] = z0.float().cpu().numpy()
         if keep_noise:
             arrays["noise"] = noise.float().cpu().numpy()
-        record = {"wall_s": wall, "network_s": counted.network_s, "rows": counted.rows,
+        # the cell's own model's rows, and each extra model's (a stitched small model), by model
+        extra = {m: (rows - before[m][0], s - before[m][1]) for m, (rows, s) in sampler.extra_counts().items()}
+        by_model = {MAIN: counted.rows, **{m: rows for m, (rows, _) in extra.items()}}
+        record = {"wall_s": wall, "network_s": counted.network_s + sum(s for _, s in extra.values()),
+                  "rows": sum(by_model.values()), "rows_by_model": by_model,
                   "finite": bool(np.isfinite(arrays["samples"]).all())}
         store.add(start, arrays, record)
         progress.update(1)
@@ -72,9 +82,13 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
     records = store.finished().values()
     status = "ok" if all(r["finite"] for r in records) else "diverged"
     labels = sample_labels(seed, range(num_samples), info.num_classes) if info.num_classes else None
+    evals: dict[str, float] = {}
+    for record in records:
+        for model, rows in record["rows_by_model"].items():
+            evals[model] = evals.get(model, 0) + rows / num_samples
     return Generated(store.array("samples"), store.array("noise"), sum(r["rows"] for r in records) / num_samples,
                      sum(r["wall_s"] for r in records), sum(r["network_s"] for r in records), status,
-                     store.array("latents"), labels)
+                     store.array("latents"), labels, evals)
 
 
 def _progress(batches: int, show: bool):
@@ -108,7 +122,9 @@ def run_cell(
     keep_noise: bool = False,
     device: str | None = None,
     cache_dir: Path | None = None,
+    models: dict | None = None,
 ) -> dict:
+    """`models`: the models file's entries, for a method that runs other models beside this one (stitch)."""
     device = resolve_device(device)
     sampler = make_sampler(method_spec)
     sampler.check_nfe(nfe)  # fail before loading a model
@@ -120,8 +136,15 @@ def run_cell(
                         num_samples)
     with PeakMemory(device) as peak:
         denoiser = load_denoiser(model_spec, device, cache_dir, model_id)
-        flops = flops_of_model(cache_dir, model_id, model_spec, batch_size, denoiser)
-        threads = choose_threads(denoiser, flops["flops_per_call"])
+        flops = {MAIN: flops_of_model(cache_dir, model_id, model_spec, batch_size, denoiser)}
+        extra = {}
+        for other in sampler.extra_models():
+            if models is None or other not in models:
+                raise StepbenchError(f"method {method_id!r} runs model {other!r}, which is not in the models file")
+            extra[other] = load_denoiser(models[other], device, cache_dir, other)
+            flops[other] = flops_of_model(cache_dir, other, models[other], batch_size, extra[other])
+        sampler.use_models(extra)
+        threads = choose_threads(denoiser, flops[MAIN]["flops_per_call"])
         with use_threads(threads):
             result = generate(denoiser, sampler, nfe, seed, num_samples, batch_size, store, keep_noise)
 
@@ -141,7 +164,9 @@ def run_cell(
         "batch_size": batch_size,
         "wall_s": result.wall_s,
         "network_s": result.network_s,  # of wall_s, the time inside denoiser calls
-        "gflops_per_sample": result.nfe_measured * flops["flops_per_row"] / 1e9,  # audited calls x measured FLOPs
+        # audited calls of each model x its measured FLOPs per row
+        "gflops_per_sample": sum(n * flops[m]["flops_per_row"] for m, n in result.evals_by_model.items()) / 1e9,
+        "evals_by_model": {model_id if m == MAIN else m: _plain_number(n) for m, n in result.evals_by_model.items()},
         "threads": threads,
         "peak_mem_mb": peak.mb,
         "status": result.status,

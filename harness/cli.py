@@ -62,7 +62,7 @@ def sample(model_id, method_id, nfe, out, num_samples, seed, batch_size, keep_no
     method_spec = lookup(methods, method_id, methods_file, "method")
     cell = run_cell(model_id, model_spec, method_id, method_spec, nfe, out,
                     num_samples or model_spec.get("num_samples", 1000), seed, batch_size, keep_noise, device,
-                    cache_dir)
+                    cache_dir, models)
     click.echo(f"{model_id} / {method_id} / NFE {nfe}: {cell['status']}, nfe_measured={cell['nfe_measured']:g}, "
                f"{cell['wall_s']:.2f}s -> {out}")
 

@@ -135,6 +135,9 @@ class MethodTable(dict):
         self.path = path
 
 
+BASED_FAMILIES = ("stitch", "quantized")  # families that run one of the file's solver entries
+
+
 def load_methods(path: str | Path = "methods.yaml") -> MethodTable:
     from harness.methods import FAMILIES
 
@@ -145,6 +148,13 @@ def load_methods(path: str | Path = "methods.yaml") -> MethodTable:
         _check_choice(path, f"{method_id}.family", spec["family"], FAMILIES.names())
         if "baseline" in spec:
             _check_choice(path, f"{method_id}.baseline", spec["baseline"], list(data))
+        if spec["family"] in BASED_FAMILIES:  # a method over a solver entry: that entry goes with it (cell hashes)
+            settings = spec.get(spec["family"])
+            if not isinstance(settings, dict) or "base" not in settings:
+                raise ConfigError(f"{path}: key '{method_id}.{spec['family']}': needs a 'base' solver entry")
+            solvers = [m for m, s in data.items() if s.get("family") == "solver"]
+            _check_choice(path, f"{method_id}.{spec['family']}.base", settings["base"], solvers)
+            spec["base_spec"] = data[settings["base"]]
         if spec["family"] == "solver":
             from harness.methods.family_solver import SOLVERS, import_solver_module
 

@@ -19,7 +19,7 @@ from harness import integrity, prepared, references
 from harness.cells import cell_config_hash
 from harness.config import config_hash, load_methods, load_models
 from harness.grid import GridCell, expand_grid, grid_seeds
-from harness.errors import ConfigError, StepbenchError
+from harness.errors import ConfigError, StepbenchError, valid_names
 from harness.flops import flops_path
 from harness.training import MARKER, trained_folder
 from harness.methods import make_sampler
@@ -47,6 +47,8 @@ class Plan:
     prepared: dict[tuple[str, str, int], Path] = field(default_factory=dict)  # cell -> its method's side data
     flops: dict[Path, tuple[str, int]] = field(default_factory=dict)  # FLOP count file -> (model, batch size)
     trained: dict[Path, str] = field(default_factory=dict)  # a trained model's marker file -> model id
+    # (model, method) -> what a cell needs of the other models its method runs (their weights, FLOP counts)
+    extra_inputs: dict[tuple[str, str], list[Path]] = field(default_factory=dict)
     all_models: dict[str, dict] = field(default_factory=dict)  # models.yaml (trained models need their teachers)
     model_specs: dict[str, dict] = field(default_factory=dict)  # the grid's models, as models.yaml has them
     method_specs: dict[str, dict] = field(default_factory=dict)  # the grid's methods, as methods.yaml has them
@@ -79,6 +81,10 @@ class Plan:
         """Files a job that loads `model` needs first: its trained weights, for a model the workflow trains."""
         spec = self.all_models.get(model, {})
         return [trained_folder(self.cache_dir, spec) / MARKER] if "train" in spec else []
+
+    def sample_inputs(self, model: str, method: str) -> list[Path]:
+        """What a sampling job loads: its model, and the models its method runs beside it."""
+        return self.model_inputs(model) + self.extra_inputs.get((model, method), [])
 
     def train_job(self, path) -> str:
         return _planned(self.trained, path, "trained model")
@@ -188,9 +194,26 @@ def plan(config: dict) -> Plan:
         method_specs={m: methods[m] for m in dict.fromkeys(c.method for c in cells)},
         all_models=models,
     )
-    for model_id in _with_teachers(model_ids, models):
+    extra_ids = []
+    for cell in cells:  # models a method runs beside the cell's (stitch): trained, their FLOPs counted
+        for other in make_sampler(methods[cell.method]).extra_models():
+            if other not in models:
+                raise ConfigError(f"{config['methods_file']}: method {cell.method!r} runs model {other!r}, which is "
+                                  f"not in {config['models_file']}{valid_names(other, models)}")
+            if models[other]["process"] != models[cell.model]["process"]:
+                raise ConfigError(f"{config['methods_file']}: method {cell.method!r} runs {other!r} beside "
+                                  f"{cell.model!r}, whose noise process differs")
+            batch = min(models[cell.model].get("batch_size", 250), result.num_samples[cell.model])
+            path = flops_path(cache_dir, other, models[other], batch)
+            result.flops[path] = (other, batch)
+            result.extra_inputs.setdefault((cell.model, cell.method), []).append(path)
+            extra_ids.append(other)
+    for model_id in _with_teachers([*model_ids, *extra_ids], models):
         if "train" in models[model_id]:
             result.trained[trained_folder(cache_dir, models[model_id]) / MARKER] = model_id
+    for (model_id, method_id), paths in result.extra_inputs.items():
+        for other in make_sampler(methods[method_id]).extra_models():
+            paths += result.model_inputs(other)
     for cell in cells:
         sampler = make_sampler(methods[cell.method])
         path = prepared.artifact_path(cache_dir, cell.model, models[cell.model], cell.method, methods[cell.method],

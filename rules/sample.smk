@@ -5,7 +5,7 @@ rule sample:
     input:
         prepared=lambda wc: PLAN.prepared_for(wc.model, wc.method, wc.nfe),
         flops=lambda wc: PLAN.flops_for(wc.model),
-        model=lambda wc: PLAN.model_inputs(wc.model),
+        models=lambda wc: PLAN.sample_inputs(wc.model, wc.method),
     output:
         samples=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/seed{{seed}}/samples.npz",
         cell=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/seed{{seed}}/cell.json",

@@ -43,6 +43,18 @@ class Sampler(ABC):
         """What `stepbench methods` lists for this method, column -> text."""
         return {"family": self.family}
 
+    # Methods that run other models beside the cell's (a stitched small model) name them; the cell loads them
+    # and hands them over, and the method counts their evaluations, which the cell adds to its own.
+    def extra_models(self) -> list[str]:
+        return []
+
+    def use_models(self, denoisers: dict[str, Denoiser]) -> None:
+        """The extra models, loaded."""
+
+    def extra_counts(self) -> dict[str, tuple[int, float]]:
+        """model id -> (rows evaluated, seconds inside its calls) so far, for each extra model."""
+        return {}
+
     @abstractmethod
     def check_nfe(self, nfe: int) -> None:
         """Raise UnsupportedNFE (with the reason and the nearest valid budgets) if nfe cannot be met."""

@@ -26,12 +26,14 @@ from harness import accounting
 from harness.errors import ConfigError, StepbenchError, valid_names
 
 HARNESS = Path(__file__).resolve().parents[1]
-# trainer name -> (module:function, the files its result depends on besides the harness's training package)
+# trainer name -> (module:function, the files of the harness its weights depend on: a change to one trains anew)
+SHARED = ("training/common.py", "datasets.py", "schedules.py")
 TRAINERS = {
-    "diffusion_unet": ("harness.training.diffusion:train_unet", ("models/diffusers_unet.py", "schedules.py")),
+    "diffusion_unet": ("harness.training.diffusion:train_unet", ("training/diffusion.py", *SHARED)),
     "consistency_distillation": ("harness.training.consistency:distill",
-                                 ("models/diffusers_unet.py", "schedules.py", "training/diffusion.py")),
-    "tarflow": ("harness.training.tarflow:train_for_zoo", ("models/tarflow.py",)),
+                                 ("training/consistency.py", "training/diffusion.py", "models/diffusers_unet.py",
+                                  "models/base.py", *SHARED)),
+    "tarflow": ("harness.training.tarflow:train_for_zoo", ("training/tarflow.py", "models/tarflow.py", *SHARED)),
 }
 MARKER = "trained.json"
 
@@ -45,10 +47,10 @@ def training_spec(spec: dict, where: str) -> dict:
 
 
 def code_hash(trainer: str) -> str:
-    """The trainer's code: the training package and the files its output depends on, read as files."""
-    files = sorted((HARNESS / "training").glob("*.py")) + [HARNESS / name for name in TRAINERS[trainer][1]]
+    """The trainer's code: the files its weights depend on, read as files (not the loaded modules: the
+    workflow and the training job must compute the same key)."""
     digest = hashlib.sha256()
-    for path in files:
+    for path in sorted(HARNESS / name for name in TRAINERS[trainer][1] if (HARNESS / name).exists()):
         digest.update(path.name.encode() + b"\n" + path.read_bytes())
     return digest.hexdigest()[:16]
 
