@@ -13,6 +13,7 @@ from snakemake.utils import min_version, validate
 from harness.config import load_yaml
 from harness.errors import StepbenchError
 from harness.grid import check_grid
+from harness.grid import parse_guidance_suffix
 from harness.workflow import failed_job_lines, forget_run, plan, record_run, stale_lock_line
 
 min_version("8.0")
@@ -51,6 +52,7 @@ if workflow.is_main_process:  # not again in each cluster job: the submitting pr
         print(_line, file=sys.stderr)
 
 RESULTS = PLAN.results_dir
+GUIDANCE_WILDCARD = r"(|-w[0-9]+(\.[0-9]+)?)"  # a cell folder's guidance suffix (harness.grid.guidance_suffix)
 CACHE = PLAN.cache_dir
 COMMON = PLAN.untracked_common_args  # --models-file/--methods-file/--cache-dir for cell-level CLI calls
 

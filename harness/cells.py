@@ -14,6 +14,7 @@ from harness.cellstore import MemoryStore, PartialCell
 from harness.config import config_hash
 from harness.errors import StepbenchError
 from harness.files import sha256_file, write_json
+from harness.guidance import check_interval, guided
 from harness.labels import sample_labels
 from harness.memory import PeakMemory
 from harness.methods import make_sampler
@@ -35,24 +36,32 @@ class Generated:
     status: str  # ok | diverged
     latents: np.ndarray | None = None  # latent models: float32 [S, ...] before decode (mse_ref's space)
     labels: np.ndarray | None = None  # class-conditional models: int64 [S], sample i's from (seed, i)
-    evals_by_model: dict[str, float] | None = None  # evaluations per sample of each model (MAIN: the cell's)
+    evals_by_model: dict[str, float] | None = None  # network passes per sample of each model (MAIN: the cell's)
 
 
-MAIN = "__cell_model__"  # the cell's own model among the models a method evaluates
+MAIN = "__cell_model__"  # the cell's own model among the networks a cell evaluates
 
 
 def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int, batch_size: int,
-             store: MemoryStore | PartialCell | None = None, keep_noise: bool = False) -> Generated:
+             store: MemoryStore | PartialCell | None = None, keep_noise: bool = False,
+             networks: dict[str, CountingDenoiser] | None = None) -> Generated:
     """Run a sampler over samples 0..S-1 in batches; sample i depends only on (seed, i). Batches go to `store`
-    (memory by default); batches it already holds (a resumed cell) are skipped."""
+    (memory by default); batches it already holds (a resumed cell) are skipped.
+
+    `denoiser` is what the sampler calls (perhaps guided); `networks` the counters on the networks inside it,
+    by model (MAIN: the cell's; a stitched small model), which count network passes where the sampler's calls
+    are counted as NFE. Without them the denoiser is its own network."""
+    if networks is None:
+        denoiser = CountingDenoiser(denoiser)
+        networks = {MAIN: denoiser}
     store = store if store is not None else MemoryStore()
     info = denoiser.info
     done = store.finished()
     starts = [start for start in range(0, num_samples, batch_size) if start not in done]
     progress = _progress(len(starts), num_samples > 4 * batch_size)
     for start in starts:
-        counted = CountingDenoiser(denoiser)
-        before = sampler.extra_counts()
+        counted = CountingDenoiser(sampler.denoiser_for(denoiser))  # the audited NFE: the sampler's denoiser calls
+        before = {m: (c.rows, c.network_s) for m, c in networks.items()}
         rows = range(start, min(start + batch_size, num_samples))
         gen = SampleNoise(seed, rows, device=info.device)
         noise = gen.randn(info.data_shape, dtype=info.dtype)
@@ -70,11 +79,9 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
             arrays["latents"] = z0.float().cpu().numpy()
         if keep_noise:
             arrays["noise"] = noise.float().cpu().numpy()
-        # the cell's own model's rows, and each extra model's (a stitched small model), by model
-        extra = {m: (rows - before[m][0], s - before[m][1]) for m, (rows, s) in sampler.extra_counts().items()}
-        by_model = {MAIN: counted.rows, **{m: rows for m, (rows, _) in extra.items()}}
-        record = {"wall_s": wall, "network_s": counted.network_s + sum(s for _, s in extra.values()),
-                  "rows": sum(by_model.values()), "rows_by_model": by_model,
+        record = {"wall_s": wall, "rows": counted.rows,
+                  "network_rows": {m: c.rows - before[m][0] for m, c in networks.items()},
+                  "network_s": sum(c.network_s - before[m][1] for m, c in networks.items()),
                   "finite": bool(np.isfinite(arrays["samples"]).all())}
         store.add(start, arrays, record)
         progress.update(1)
@@ -84,8 +91,8 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
     labels = sample_labels(seed, range(num_samples), info.num_classes) if info.num_classes else None
     evals: dict[str, float] = {}
     for record in records:
-        for model, rows in record["rows_by_model"].items():
-            evals[model] = evals.get(model, 0) + rows / num_samples
+        for model, network_rows in record["network_rows"].items():
+            evals[model] = evals.get(model, 0) + network_rows / num_samples
     return Generated(store.array("samples"), store.array("noise"), sum(r["rows"] for r in records) / num_samples,
                      sum(r["wall_s"] for r in records), sum(r["network_s"] for r in records), status,
                      store.array("latents"), labels, evals)
@@ -103,10 +110,13 @@ def _plain_number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
-def cell_config_hash(model_spec: dict, method_spec: dict, nfe: int, seed: int, num_samples: int) -> str:
+def cell_config_hash(model_spec: dict, method_spec: dict, nfe: int, seed: int, num_samples: int,
+                     guidance: float = 1.0) -> str:
     """What a cell's samples depend on, hashed: cell.json's config_hash, and a param of the cell's Snakemake
-    job (harness.workflow), so that an edited entry, or a new definition of the noise, reruns it."""
-    return config_hash(model_spec, method_spec, nfe, seed, num_samples, NOISE_VERSION)
+    job (harness.workflow), so that an edited entry, or a new definition of the noise, reruns it. (Unguided
+    cells hash as they did before guidance was a grid axis.)"""
+    scale = () if guidance == 1 else (float(guidance),)
+    return config_hash(model_spec, method_spec, nfe, seed, num_samples, NOISE_VERSION, *scale)
 
 
 def run_cell(
@@ -123,6 +133,7 @@ def run_cell(
     device: str | None = None,
     cache_dir: Path | None = None,
     models: dict | None = None,
+    guidance: float = 1.0,
 ) -> dict:
     """`models`: the models file's entries, for a method that runs other models beside this one (stitch)."""
     device = resolve_device(device)
@@ -130,23 +141,25 @@ def run_cell(
     sampler.check_nfe(nfe)  # fail before loading a model
     prepared_record = prepared.load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe)
     batch_size = min(batch_size or model_spec.get("batch_size", 250), num_samples)  # the batch that runs
-    config = cell_config_hash(model_spec, method_spec, nfe, seed, num_samples)
+    config = cell_config_hash(model_spec, method_spec, nfe, seed, num_samples, guidance)
     # finished batches survive a kill; a partial cell of other settings is discarded
     store = PartialCell(out_dir, {"config_hash": config, "batch_size": batch_size, "keep_noise": keep_noise},
                         num_samples)
+    interval = check_interval(method_spec.get("guidance_interval"), f"{method_id}.guidance_interval")
     with PeakMemory(device) as peak:
-        denoiser = load_denoiser(model_spec, device, cache_dir, model_id)
-        flops = {MAIN: flops_of_model(cache_dir, model_id, model_spec, batch_size, denoiser)}
-        extra = {}
+        # a counter on every network the cell runs (the cell's, a stitched small one), each under the same guidance
+        networks = {MAIN: CountingDenoiser(load_denoiser(model_spec, device, cache_dir, model_id))}
+        flops = {MAIN: flops_of_model(cache_dir, model_id, model_spec, batch_size, networks[MAIN])}
         for other in sampler.extra_models():
             if models is None or other not in models:
                 raise StepbenchError(f"method {method_id!r} runs model {other!r}, which is not in the models file")
-            extra[other] = load_denoiser(models[other], device, cache_dir, other)
-            flops[other] = flops_of_model(cache_dir, other, models[other], batch_size, extra[other])
-        sampler.use_models(extra)
+            networks[other] = CountingDenoiser(load_denoiser(models[other], device, cache_dir, other))
+            flops[other] = flops_of_model(cache_dir, other, models[other], batch_size, networks[other])
+        sampler.use_models({m: guided(net, guidance, interval) for m, net in networks.items() if m != MAIN})
+        denoiser = guided(networks[MAIN], guidance, interval)
         threads = choose_threads(denoiser, flops[MAIN]["flops_per_call"])
         with use_threads(threads):
-            result = generate(denoiser, sampler, nfe, seed, num_samples, batch_size, store, keep_noise)
+            result = generate(denoiser, sampler, nfe, seed, num_samples, batch_size, store, keep_noise, networks)
 
     # metrics of samples this run replaces would otherwise be reported as this cell's
     (out_dir / "metrics.json").unlink(missing_ok=True)
@@ -158,13 +171,15 @@ def run_cell(
         "family": method_spec["family"],
         "nfe": nfe,
         "nfe_measured": _plain_number(result.nfe_measured),
-        "network_evals": _plain_number(result.nfe_measured),  # no guidance yet: one network row per D call
+        "guidance": guidance,
+        # network passes per sample: a guided evaluation is one denoiser call (the NFE) and two passes
+        "network_evals": _plain_number(sum(result.evals_by_model.values())),
         "num_samples": num_samples,
         "seed": seed,
         "batch_size": batch_size,
         "wall_s": result.wall_s,
         "network_s": result.network_s,  # of wall_s, the time inside denoiser calls
-        # audited calls of each model x its measured FLOPs per row
+        # each network's passes x its measured FLOPs per row
         "gflops_per_sample": sum(n * flops[m]["flops_per_row"] for m, n in result.evals_by_model.items()) / 1e9,
         "evals_by_model": {model_id if m == MAIN else m: _plain_number(n) for m, n in result.evals_by_model.items()},
         "threads": threads,

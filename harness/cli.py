@@ -44,12 +44,14 @@ def cli() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Samples per batch; does not change the samples.")
 @click.option("--keep-noise", is_flag=True, help="Also store the initial noise in samples.npz.")
+@click.option("--guidance", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Classifier-free guidance scale (1: the conditional model alone).")
 @models_file_opt
 @methods_file_opt
 @cache_opt
 @device_opt
-def sample(model_id, method_id, nfe, out, num_samples, seed, batch_size, keep_noise, models_file, methods_file,
-           cache_dir, device):
+def sample(model_id, method_id, nfe, out, num_samples, seed, batch_size, keep_noise, guidance, models_file,
+           methods_file, cache_dir, device):
     """Generate one cell: OUT/samples.npz and OUT/cell.json.
 
     Example: stepbench sample --model gmm2d --method heun --nfe 9 --out results/cells/gmm2d/heun/nfe9
@@ -62,8 +64,9 @@ def sample(model_id, method_id, nfe, out, num_samples, seed, batch_size, keep_no
     method_spec = lookup(methods, method_id, methods_file, "method")
     cell = run_cell(model_id, model_spec, method_id, method_spec, nfe, out,
                     num_samples or model_spec.get("num_samples", 1000), seed, batch_size, keep_noise, device,
-                    cache_dir, models)
-    click.echo(f"{model_id} / {method_id} / NFE {nfe}: {cell['status']}, nfe_measured={cell['nfe_measured']:g}, "
+                    cache_dir, models, guidance)
+    scale = f" / guidance {guidance:g}" if guidance != 1 else ""
+    click.echo(f"{model_id} / {method_id} / NFE {nfe}{scale}: {cell['status']}, nfe_measured={cell['nfe_measured']:g}, "
                f"{cell['wall_s']:.2f}s -> {out}")
 
 

@@ -18,9 +18,24 @@ class GridCell:
     nfe: int
     supported: bool
     reason: str = ""  # why an unsupported cell cannot run
+    guidance: float = 1.0  # classifier-free guidance scale (1: the conditional model alone)
 
     def path(self, results_dir: str | Path, seed: int) -> Path:
-        return Path(results_dir) / "cells" / self.model / self.method / f"nfe{self.nfe}" / f"seed{seed}"
+        return (Path(results_dir) / "cells" / self.model / self.method / f"nfe{self.nfe}{guidance_suffix(self.guidance)}"
+                / f"seed{seed}")
+
+    @property
+    def key(self) -> tuple[str, str, int, float]:
+        return self.model, self.method, self.nfe, self.guidance
+
+
+def guidance_suffix(scale: float) -> str:
+    """A guided cell's folder is nfeN-wS (nfe8-w4); an unguided one keeps plain nfeN."""
+    return "" if float(scale) == 1 else f"-w{float(scale):g}"
+
+
+def parse_guidance_suffix(suffix: str) -> float:
+    return float(suffix[2:]) if suffix else 1.0
 
 
 def check_grid(grid: dict, source: str | Path) -> None:
@@ -48,24 +63,34 @@ def expand_grid(grid: dict, models: dict | None = None, methods: dict | None = N
     methods_file = grid.get("methods_file", "methods.yaml")
     models = models if models is not None else load_models(models_file)
     methods = methods if methods is not None else load_methods(methods_file)
-    cells: dict[tuple[str, str, int], GridCell] = {}
+    cells: dict[tuple[str, str, int, float], GridCell] = {}
     for b, block in enumerate([grid, *grid.get("blocks", [])]):
         where = f"blocks.{b - 1}." if b else ""  # the grid key an id comes from, for the error line
         model_key = f"{where}models" if "models" in block else "models"
+        scales = [float(w) for w in block.get("guidance", [1])]  # a block's own, not the grid's: 1 unless given
         for i, model_id in enumerate(block.get("models", grid["models"])):
-            _grid_lookup(models, model_id, models_file, "model", f"{model_key}.{i}")
+            model = _grid_lookup(models, model_id, models_file, "model", f"{model_key}.{i}")
             for j, method_id in enumerate(block["methods"]):
                 sampler = make_sampler(_grid_lookup(methods, method_id, methods_file, "method", f"{where}methods.{j}"))
                 for nfe in block["nfe"]:
-                    if (model_id, method_id, nfe) in cells:
-                        continue
-                    try:
-                        sampler.check_nfe(nfe)
-                        cell = GridCell(model_id, method_id, nfe, True)
-                    except UnsupportedNFE as err:
-                        cell = GridCell(model_id, method_id, nfe, False, err.reason)
-                    cells[(model_id, method_id, nfe)] = cell
+                    for scale in scales:
+                        if (model_id, method_id, nfe, scale) in cells:
+                            continue
+                        reason = _unsupported(sampler, nfe, scale, model)
+                        cell = GridCell(model_id, method_id, nfe, reason is None, reason or "", scale)
+                        cells[cell.key] = cell
     return list(cells.values())
+
+
+def _unsupported(sampler, nfe: int, scale: float, model: dict) -> str | None:
+    """Why a cell cannot run, or None."""
+    if scale != 1 and not model.get("classes"):
+        return "unconditional model: no guidance"
+    try:
+        sampler.check_nfe(nfe)
+    except UnsupportedNFE as err:
+        return err.reason
+    return None
 
 
 def _grid_lookup(table: dict, item_id: str, path, what: str, grid_key: str) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 from harness import integrity, prepared, references
 from harness.cells import cell_config_hash
 from harness.config import config_hash, load_methods, load_models
-from harness.grid import GridCell, expand_grid, grid_seeds
+from harness.grid import GridCell, expand_grid, grid_seeds, parse_guidance_suffix
 from harness.errors import ConfigError, StepbenchError, valid_names
 from harness.flops import flops_path
 from harness.training import MARKER, trained_folder
@@ -121,21 +121,23 @@ class Plan:
         elsewhere reruns nothing."""
         return self.common_args
 
-    def cell_dir(self, model: str, method: str, nfe, seed) -> Path:
-        return GridCell(model, method, int(nfe), True).path(self.results_dir, int(seed))
+    def cell_dir(self, model: str, method: str, nfe, guidance: str, seed) -> Path:
+        """guidance: the folder's suffix ('' or '-w4', the rules' wildcard)."""
+        return GridCell(model, method, int(nfe), True, guidance=parse_guidance_suffix(guidance)).path(
+            self.results_dir, int(seed))
 
-    def cell_hash(self, model: str, method: str, nfe, seed) -> str:
+    def cell_hash(self, model: str, method: str, nfe, guidance: str, seed) -> str:
         """cell.json's config_hash: a rule param, so that editing the model's or the method's entry reruns
         the cell (Snakemake reruns a job whose params changed)."""
         return cell_config_hash(self.model_specs[model], self.method_specs[method], int(nfe), int(seed),
-                                self.num_samples[model])
+                                self.num_samples[model], parse_guidance_suffix(guidance))
 
     def model_hash(self, model: str) -> str:
         """The model entry's hash: a param of the jobs its metrics settings (references, metrics) feed."""
         return config_hash(self.model_specs[model])
 
     def cell_dirs(self) -> list[Path]:
-        return [self.cell_dir(c.model, c.method, c.nfe, seed) for c in self.cells for seed in self.seeds]
+        return [c.path(self.results_dir, seed) for c in self.cells for seed in self.seeds]
 
     def set_aside_damaged_cells(self, report_files: list[str]) -> list[str]:
         """Check every planned cell that exists (harness.integrity) and move the files of a damaged one, or the

@@ -3,22 +3,23 @@
 
 rule evaluate:
     input:
-        cell=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/seed{{seed}}/cell.json",
-        samples=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/seed{{seed}}/samples.npz",
+        cell=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}{{guidance}}/seed{{seed}}/cell.json",
+        samples=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}{{guidance}}/seed{{seed}}/samples.npz",
         cached=lambda wc: PLAN.eval_inputs[(wc.model, int(wc.seed))],
     output:
-        f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}/seed{{seed}}/metrics.json",
+        f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}{{guidance}}/seed{{seed}}/metrics.json",
     params:
-        out=lambda wc: PLAN.cell_dir(wc.model, wc.method, wc.nfe, wc.seed),
+        out=lambda wc: PLAN.cell_dir(wc.model, wc.method, wc.nfe, wc.guidance, wc.seed),
         model_hash=lambda wc: PLAN.model_hash(wc.model),  # edited metric settings rerun the metrics
         common=COMMON,
     wildcard_constraints:
         nfe=r"\d+",
+        guidance=GUIDANCE_WILDCARD,
         seed=r"\d+",
     resources:
         gpu=0,  # 1 in the profiles: a job that runs a network gets a GPU of its own
     log:
-        f"{RESULTS}/logs/evaluate/{{model}}__{{method}}__nfe{{nfe}}__seed{{seed}}.log",
+        f"{RESULTS}/logs/evaluate/{{model}}__{{method}}__nfe{{nfe}}{{guidance}}__seed{{seed}}.log",
     conda:
         "envs/stepbench.yaml"
     shell:

@@ -262,7 +262,7 @@ def test_bad_cells_fail_with_the_file_named(workspace):
     assert euler4["reason"].iloc[0].startswith("metrics.json: malformed JSON")
     broken.unlink()
     write_cell(workspace["results"], "gmm2d", "euler", 5, {"exact_err": 0.3}, where="copy/of/euler5")
-    with pytest.raises(StepbenchError, match="gmm2d / euler / NFE 5 / seed 0 also at"):
+    with pytest.raises(StepbenchError, match="gmm2d / euler / NFE 5 / guidance 1 / seed 0 also at"):
         render(workspace)
 
 

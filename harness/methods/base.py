@@ -44,16 +44,17 @@ class Sampler(ABC):
         return {"family": self.family}
 
     # Methods that run other models beside the cell's (a stitched small model) name them; the cell loads them
-    # and hands them over, and the method counts their evaluations, which the cell adds to its own.
+    # (counting their passes, under the cell's guidance) and hands them over.
     def extra_models(self) -> list[str]:
         return []
 
     def use_models(self, denoisers: dict[str, Denoiser]) -> None:
         """The extra models, loaded."""
 
-    def extra_counts(self) -> dict[str, tuple[int, float]]:
-        """model id -> (rows evaluated, seconds inside its calls) so far, for each extra model."""
-        return {}
+    def denoiser_for(self, denoiser: Denoiser) -> Denoiser:
+        """The denoiser this method's sampling calls, built on the cell's (a stitched pair): the NFE audit
+        counts the calls to it."""
+        return denoiser
 
     @abstractmethod
     def check_nfe(self, nfe: int) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import ConfigError, UnsupportedNFE, valid_names
+from harness.guidance import check_thresholding, dynamic_threshold
 # Importing a solver module registers its solvers.
 from harness.methods import solvers  # noqa: F401  (euler, heun, dpmpp_2m)
 from harness.methods import ancestral, deis, deis_tab, dpm_solver, lms, pndm, unipc  # noqa: F401  (the solver zoo)
@@ -69,6 +70,7 @@ class SolverSampler(Sampler):
         self.solver = SOLVERS[name]
         self.schedule = spec.get("schedule", {"kind": "edm_rho", "rho": 7.0})
         self.params = spec.get("params", {})
+        self.thresholding = check_thresholding(spec.get("thresholding"), "thresholding")
         self.nfe_rule = self.solver.nfe_rule(self.params)
         self.prepare_scope = self.solver.prepare_scope
         self.prepared: dict | None = None
@@ -118,7 +120,8 @@ class SolverSampler(Sampler):
         x = noise * denoiser.process.prior_std(sigmas[0])
 
         def model(x, sigma):
-            return denoiser(x, sigma, cond)
+            x0 = denoiser(x, sigma, cond)
+            return x0 if self.thresholding is None else dynamic_threshold(x0, *self.thresholding)
 
         with torch.no_grad():
             return self.solver.fn(model, x, sigmas, noise=generator, **self.params, **extra)

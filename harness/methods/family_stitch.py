@@ -10,7 +10,7 @@ NVlabs/T-Stitch's DiT sampler runs the small model while t / 1000 >= 1 - ratio, 
 level, not on the step index, so a method means the same at every NFE (crowsonkb/k-diffusion#36 advises the
 same): with tau the native time normalised to [0, 1] over the process's range, the small model denoises where
 tau >= 1 - fraction (fraction 0: never; 1: always). Both models predict x0 in the same space, so a multistep
-solver keeps its history across the switch. Each model's evaluations are counted apart, for its FLOPs.
+solver keeps its history across the switch. The cell counts each model's passes apart, for its FLOPs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import torch
 from harness.errors import ConfigError, UnsupportedNFE
 from harness.methods.base import Sampler
 from harness.models.base import Denoiser
-from harness.nfe import CountingDenoiser
 
 
 class StitchedDenoiser(Denoiser):
@@ -75,7 +74,7 @@ class StitchSampler(Sampler):
         self.prepare_scope = None  # a base with side data would need it prepared for the stitched pair
         if self.base.prepare_scope is not None:
             raise ConfigError(f"stitch.base {settings['base']!r} has prepared side data; stitch a solver without")
-        self.small: CountingDenoiser | None = None
+        self.small: Denoiser | None = None
 
     def summary(self) -> dict[str, str]:
         return {**self.base.summary(), "family": self.family,
@@ -85,10 +84,7 @@ class StitchSampler(Sampler):
         return [self.small_id]
 
     def use_models(self, denoisers: dict[str, Denoiser]) -> None:
-        self.small = CountingDenoiser(denoisers[self.small_id])
-
-    def extra_counts(self) -> dict[str, tuple[int, float]]:
-        return {self.small_id: (self.small.rows, self.small.network_s) if self.small is not None else (0, 0.0)}
+        self.small = denoisers[self.small_id]
 
     def check_nfe(self, nfe: int) -> None:
         try:
@@ -96,11 +92,15 @@ class StitchSampler(Sampler):
         except UnsupportedNFE as err:
             raise UnsupportedNFE(f"stitch base: {err}", err.reason) from None
 
-    def sample(self, denoiser, noise, nfe, cond=None, generator=None):
+    def denoiser_for(self, denoiser: Denoiser) -> Denoiser:
         if self.small is None:
             raise RuntimeError("StitchSampler.use_models must give the small model first")
         small, large = self.small.info, denoiser.info
         if small.data_shape != large.data_shape or small.process.describe() != large.process.describe():
             raise ConfigError(f"stitch: {self.small_id} ({small.data_shape}, {small.process.describe()['kind']}) "
                               f"does not share the large model's data space and noise process")
-        return self.base.sample(StitchedDenoiser(denoiser, self.small, self.fraction), noise, nfe, cond, generator)
+        return StitchedDenoiser(denoiser, self.small, self.fraction)
+
+    def sample(self, denoiser, noise, nfe, cond=None, generator=None):
+        """`denoiser`: the stitched pair (denoiser_for), counted."""
+        return self.base.sample(denoiser, noise, nfe, cond, generator)

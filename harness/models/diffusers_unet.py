@@ -54,6 +54,10 @@ class DiffusersUNet(NetworkDenoiser):
         channels = unet.config.in_channels
         embeds = unet.config.num_class_embeds
         null_class = params.get("null_class", embeds - 1 if embeds else None)
+        classes = (embeds - 1 if embeds else 0)
+        if classes != spec.get("classes", 0):  # the grid plans labels and guidance from the entry
+            raise ConfigError(f"{source}: the network has {embeds or 0} class embeddings ({classes} classes and a null "
+                              f"class); the models.yaml entry says classes: {spec.get('classes', 'none')}")
         info = DenoiserInfo(
             data_shape=(channels, height, width),
             data_range=(-1.0, 1.0),
@@ -61,7 +65,7 @@ class DiffusersUNet(NetworkDenoiser):
             process=process,
             dtype=dtype,
             device=device,
-            num_classes=embeds - 1 if embeds else 0,
+            num_classes=classes,
             null_class=null_class,
             extra={"source": source},
         )

@@ -50,4 +50,5 @@ def _todays_hash(cell: dict, models: dict, methods: dict, grid: dict | None) -> 
     if model is None or method is None or cell.get("seed") is None:
         return None
     num_samples = ((grid or {}).get("num_samples") or model.get("num_samples", 1000)) if grid else cell.get("num_samples")
-    return cell_config_hash(model, method, int(cell["nfe"]), int(cell["seed"]), int(num_samples))
+    return cell_config_hash(model, method, int(cell["nfe"]), int(cell["seed"]), int(num_samples),
+                            float(cell.get("guidance", 1)))

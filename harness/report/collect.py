@@ -21,17 +21,19 @@ from harness import integrity
 from harness.errors import StepbenchError
 from harness.evaluate import RESERVED_KEYS
 from harness.files import read_json
-from harness.grid import GridCell
+from harness.grid import GridCell, parse_guidance_suffix
 
 COLUMNS = [
-    "model", "method", "family", "nfe", "nfe_measured", "network_evals", "metric", "value", "ci_low", "ci_high",
-    "status", "reason", "num_samples", "seed", "n_seeds", "wall_s", "peak_mem_mb", "config_hash", "device", "git",
-    "cell_dir",
+    "model", "method", "family", "nfe", "guidance", "nfe_measured", "network_evals", "metric", "value", "ci_low", "ci_high",
+    "status", "reason", "num_samples", "seed", "n_seeds", "wall_s", "peak_mem_mb", "gflops_per_sample", "config_hash",
+    "device", "git", "cell_dir",
 ]
 CONFIDENCE = 0.95
 INT_COLUMNS = ["nfe", "num_samples", "seed", "n_seeds"]
-FLOAT_COLUMNS = ["nfe_measured", "network_evals", "value", "ci_low", "ci_high", "wall_s", "peak_mem_mb"]
-SORT_KEYS = ["model", "method", "nfe", "metric"]
+FLOAT_COLUMNS = ["guidance", "nfe_measured", "network_evals", "value", "ci_low", "ci_high", "wall_s", "peak_mem_mb",
+                 "gflops_per_sample"]
+SORT_KEYS = ["model", "method", "nfe", "guidance", "metric"]
+CELL_KEYS = ["model", "method", "nfe", "guidance"]  # what a cell is, apart from its seed
 REQUIRED_CELL_KEYS = ("model", "method", "nfe", "status")
 
 DIVERGED_REASON = "NaN/Inf in samples"
@@ -56,13 +58,13 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
     if not results_dir.is_dir():
         raise StepbenchError(f"{results_dir}: results directory not found")
     rows: list[dict] = []
-    found: dict[tuple[str, str, int, int | None], Path] = {}
+    found: dict[tuple[str, str, int, float, int | None], Path] = {}
     packages: dict[str, set[str]] = {}
     pythons: set[str] = set()
     metric_provenance: dict[tuple[str, str], set[str]] = {}
 
     # With a grid, only its cells and seeds: a results directory keeps cells of earlier grids too
-    requested = {(c.model, c.method, c.nfe) for c in grid_cells} if grid_cells is not None else None
+    requested = {c.key for c in grid_cells} if grid_cells is not None else None
     # The path is only where a cell happens to live; cell.json says what it is.
     for cell_json in sorted(results_dir.rglob("cell.json")):
         if cell_json.relative_to(results_dir).parts[0] == "damaged":  # set aside by the workflow, not results
@@ -71,20 +73,21 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
             cell = read_json(cell_json)
         except StepbenchError as err:  # an unreadable record: the cell it stood for is damaged, not absent
             row = _unreadable_cell_row(cell_json, results_dir, str(err))
-            key = (row["model"], row["method"], row["nfe"], row["seed"])
-            if requested is None or (key[:3] in requested and (seeds is None or key[3] in seeds)):
+            key = (row["model"], row["method"], row["nfe"], row["guidance"], row["seed"])
+            if requested is None or (key[:4] in requested and (seeds is None or key[4] in seeds)):
                 rows.append(row)
                 found[key] = cell_json
             continue
         missing = [key for key in REQUIRED_CELL_KEYS if key not in cell]
         if missing:
             raise StepbenchError(f"{cell_json}: key '{missing[0]}' missing (needs {', '.join(REQUIRED_CELL_KEYS)})")
-        key = (cell["model"], cell["method"], int(cell["nfe"]), cell.get("seed"))
-        if requested is not None and (key[:3] not in requested or (seeds is not None and key[3] not in seeds)):
+        key = (cell["model"], cell["method"], int(cell["nfe"]), float(cell.get("guidance", 1)), cell.get("seed"))
+        if requested is not None and (key[:4] not in requested or (seeds is not None and key[4] not in seeds)):
             continue
         if key in found:
-            raise StepbenchError(f"{cell_json}: {key[0]} / {key[1]} / NFE {key[2]} / seed {key[3]} also at "
-                                 f"{found[key]}; keep one cell per (model, method, NFE, seed)")
+            raise StepbenchError(f"{cell_json}: {key[0]} / {key[1]} / NFE {key[2]} / guidance {key[3]:g} / seed "
+                                 f"{key[4]} also at {found[key]}; keep one cell per (model, method, NFE, guidance, "
+                                 "seed)")
         found[key] = cell_json
         provenance = cell.get("provenance", {})
         for name, version in provenance.get("packages", {}).items():
@@ -115,9 +118,9 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
                 record = json.dumps(metrics["provenance"][name], sort_keys=True, default=str)
                 metric_provenance.setdefault((cell["model"], name), set()).add(record)
 
-    found_cells = {key[:3] for key in found}
+    found_cells = {key[:4] for key in found}
     for grid_cell in grid_cells or []:
-        if (grid_cell.model, grid_cell.method, grid_cell.nfe) in found_cells:
+        if grid_cell.key in found_cells:
             continue
         rows.append(_requested_row(grid_cell, methods, results_dir, (seeds or [0])[0]))
 
@@ -147,19 +150,22 @@ def _distrust(cell_dir: Path, cell: dict, expected_hash) -> tuple[str, str] | No
 
 
 def _unreadable_cell_row(cell_json: Path, results_dir: Path, reason: str) -> dict:
-    """A damaged row for a cell.json that cannot be read, named by its place (cells/MODEL/METHOD/nfeN/seedS)."""
+    """A damaged row for a cell.json that cannot be read, named by its place (cells/MODEL/METHOD/nfeN[-wS]/seedS)."""
     parts = cell_json.parent.relative_to(results_dir).parts
     if len(parts) != 5 or parts[0] != "cells" or not parts[3].startswith("nfe") or not parts[4].startswith("seed"):
         raise StepbenchError(reason)
-    return {"model": parts[1], "method": parts[2], "nfe": int(parts[3][3:]), "seed": int(parts[4][4:]),
+    nfe, _, scale = parts[3][3:].partition("-")
+    return {"model": parts[1], "method": parts[2], "nfe": int(nfe), "seed": int(parts[4][4:]),
+            "guidance": parse_guidance_suffix(f"-{scale}" if scale else ""),
             "status": "damaged", "reason": reason, "cell_dir": "/".join(parts)}
 
 
 def _cell_fields(cell: dict, cell_dir: str) -> dict:
     provenance = cell.get("provenance", {})
     return {
+        "guidance": float(cell.get("guidance", 1)),
         **{key: cell.get(key) for key in ("model", "method", "family", "nfe", "nfe_measured", "network_evals",
-                                          "num_samples", "seed", "wall_s", "peak_mem_mb")},
+                                          "num_samples", "seed", "wall_s", "peak_mem_mb", "gflops_per_sample")},
         "config_hash": provenance.get("config_hash"),
         "device": provenance.get("device"),
         "git": provenance.get("git"),
@@ -176,7 +182,7 @@ def _value_reason(status: str, value: float | None) -> str:
 
 
 def _requested_row(grid_cell: GridCell, methods: dict[str, dict], results_dir: Path, seed: int) -> dict:
-    row = {"model": grid_cell.model, "method": grid_cell.method, "nfe": grid_cell.nfe,
+    row = {"model": grid_cell.model, "method": grid_cell.method, "nfe": grid_cell.nfe, "guidance": grid_cell.guidance,
            "family": methods.get(grid_cell.method, {}).get("family")}
     if not grid_cell.supported:
         return {**row, "status": "unsupported", "reason": grid_cell.reason}
@@ -187,7 +193,7 @@ def _aggregate_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, method, NFE, metric): the seeds' mean and t-interval when all are ok."""
     from scipy import stats
 
-    keys = ["model", "method", "nfe", "metric"]
+    keys = [*CELL_KEYS, "metric"]
     counts = per_seed.groupby(keys, dropna=False, sort=False)["status"].transform("size")
     single = per_seed[counts == 1].assign(n_seeds=lambda t: t["seed"].notna().astype("Int64"))
     merged = []

@@ -9,6 +9,7 @@ import pandas as pd
 
 from harness.report.baselines import FEW_NFE, MATCH_TOLERANCE, compare_to_baselines
 from harness.report.collect import Collected
+from harness.report.findings import Finding, all_findings
 from harness.report.layout import ModelLayout, direction_label, higher_is_better
 
 STATUS_ORDER = ["ok", "diverged", "missing", "damaged", "stale", "unsupported"]
@@ -18,6 +19,7 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; 
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #ddd; margin-top: 2em; }
 h3 { margin-bottom: 0.3em; } h3 .direction { font-weight: normal; font-size: 0.8em; color: #666; }
 .meta, .description { color: #555; }
+p.verdict { font-weight: bold; }
 table { border-collapse: collapse; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; }
 table.kv th { text-align: left; background: #f5f5f5; vertical-align: top; }
@@ -53,14 +55,16 @@ def render_page(collected: Collected, layouts: list[ModelLayout], plots: dict[tu
         _provenance_section(collected),
     ]
     if layouts:
-        links = " &middot; ".join(f'<a href="#{_anchor(layout.model)}">{escape(layout.model)}</a>'
+        links = " &middot; ".join(f'<a href="#{_anchor(layout.name)}">{escape(layout.name)}</a>'
                                   for layout in layouts)
         body.append(f"<nav><p>Models: {links}</p></nav>")
     else:
         body.append(f"<p>No cells found under <code>{escape(results_dir)}</code>.</p>")
+    findings = all_findings(results, models, methods)
+    body.extend(_finding(f) for f in findings if f.model is None)
     for layout in layouts:
-        body.append(_model_section(results[results["model"] == layout.model], layout, plots, models, methods,
-                                   collected.metric_provenance))
+        body.append(_model_section(layout.select(results), layout, plots, models, methods,
+                                   collected.metric_provenance, findings))
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<title>stepbench leaderboard</title>\n"
             f"<style>\n{STYLE}\n</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
@@ -87,23 +91,32 @@ def _distinct(column: pd.Series) -> str:
     return ", ".join(sorted(set(column.dropna()))) or "unknown"
 
 
+def _finding(finding: Finding) -> str:
+    header = "".join(f"<th>{escape(str(c))}</th>" for c in finding.columns)
+    body = "\n".join("<tr>" + "".join(f"<td>{escape(str(v))}</td>" for v in row) + "</tr>" for row in finding.rows)
+    return (f'<h3>{escape(finding.title)}</h3>\n<p class="verdict">{escape(finding.verdict)}</p>\n'
+            f'<table class="board baselines"><thead><tr>{header}</tr></thead>\n<tbody>\n{body}\n</tbody></table>')
+
+
 def _model_section(rows: pd.DataFrame, layout: ModelLayout, plots: dict, models: dict, methods: dict,
-                   metric_provenance: dict[tuple[str, str], list[str]]) -> str:
+                   metric_provenance: dict[tuple[str, str], list[str]], findings: list[Finding]) -> str:
     model = layout.model
-    cells = rows.drop_duplicates(["method", "nfe"]).set_index(["method", "nfe"])
+    cells = rows.drop_duplicates(["method", "nfe"]).set_index(["method", "nfe"])  # one guidance scale: one cell each
     measured = cells["nfe_measured"]
     audit = cells[measured.notna() & ((measured - cells.index.get_level_values("nfe")).abs() > 1e-9)]
-    parts = [f'<section id="{_anchor(model)}">', f"<h2>{escape(model)}</h2>"]
+    parts = [f'<section id="{_anchor(layout.name)}">', f"<h2>{escape(layout.name)}</h2>"]
     if models.get(model, {}).get("description"):
         parts.append(f'<p class="description">{escape(models[model]["description"])}</p>')
     if not layout.metrics:
         parts.append("<p>No metrics: no cell of this model has been evaluated.</p>")
     for metric in layout.metrics:
         table = _metric_table(rows[rows["metric"] == metric], cells, audit, layout, metric, methods)
-        plot = plots.get((model, metric))
-        image = (f'<img src="plots/{escape(plot)}" alt="{escape(f"{model}: {metric} vs NFE")}">' if plot else "")
+        plot = plots.get((layout.name, metric))
+        image = (f'<img src="plots/{escape(plot)}" alt="{escape(f"{layout.name}: {metric} vs NFE")}">' if plot else "")
         parts.append(f'<div class="metric">\n{table}\n{image}\n</div>')
     parts.append(_baseline_section(rows, layout, methods))
+    if layout.guidance == 1:  # the findings are about the models without guidance
+        parts.extend(_finding(f) for f in findings if f.model == model)
     parts.append(_metric_provenance(model, layout.metrics, metric_provenance))
     parts.append("</section>")
     return "\n".join(part for part in parts if part)
@@ -141,7 +154,7 @@ def _metric_table(values: pd.DataFrame, cells: pd.DataFrame, audit: pd.DataFrame
         best = set(ranked.index[ranked["value"] == target])
         direction = f' <span class="direction">({escape(direction_label(metric))})</span>'
 
-    table_id = _anchor(f"{layout.model}--{metric}")
+    table_id = _anchor(f"{layout.name}--{metric}")
     header = "".join(f'<th scope="col">{nfe}</th>' for nfe in layout.nfes)
     lines = [
         f'<div><h3 id="{table_id}">{escape(metric)}{direction}</h3>',

@@ -33,12 +33,13 @@ def write_plots(results: pd.DataFrame, layouts: list[ModelLayout], plots_dir: Pa
     written = {}
     for layout in layouts:
         for metric in layout.metrics:
-            points = plotted[(plotted["model"] == layout.model) & (plotted["metric"] == metric)]
+            points = layout.select(plotted)
+            points = points[points["metric"] == metric]
             if points.empty:
                 continue
-            name = plot_file_name(layout.model, metric)
+            name = plot_file_name(layout.name, metric)
             _plot(points, layout, metric, styles, plots_dir / name)
-            written[(layout.model, metric)] = name
+            written[(layout.name, metric)] = name
     return written
 
 
@@ -67,7 +68,7 @@ def _plot(points: pd.DataFrame, layout: ModelLayout, metric: str, styles: dict, 
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("NFE (network evaluations per sample)")
     ax.set_ylabel(metric)
-    ax.set_title(f"{layout.model}: {metric} ({direction_label(metric)})", fontsize=10)
+    ax.set_title(f"{layout.name}: {metric} ({direction_label(metric)})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     # beside the axes, so a long list of methods never hides the lines
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=1 if len(layout.methods) <= 14 else 2)

@@ -1,0 +1,152 @@
+"""Plain-language findings the leaderboard states, each with the numbers it rests on.
+
+A finding is a title, one sentence of verdict and a small table, computed from results.csv's rows alone
+(ok cells with finite values), so the page says only what its numbers show. Each family of questions is one
+function here; `all_findings` runs them in order. The page renders them; nothing here formats HTML.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from harness.report.layout import higher_is_better
+
+QUALITY_METRICS = ("fid", "exact_err", "mse_ref", "kid")  # the first a model has judges its findings
+LEARNED_RATIO = 5.0  # a trained model "learned the distribution" when its best FID is <= 1/5 of its baseline's
+FEW_STEPS = (1, 2)  # where distilled students should beat every training-free solver
+
+
+@dataclass
+class Finding:
+    title: str
+    verdict: str
+    columns: list[str]
+    rows: list[list] = field(default_factory=list)
+    model: str | None = None  # the model section it belongs to; None: the overview
+
+
+def _values(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    rows = results[(results["metric"] == metric) & (results["status"] == "ok")]
+    return rows[rows["value"].map(lambda v: isinstance(v, float) and math.isfinite(v))]
+
+
+def _quality_metric(results: pd.DataFrame, model: str) -> str | None:
+    present = set(results[results["model"] == model]["metric"].dropna())
+    return next((m for m in QUALITY_METRICS if m in present), None)
+
+
+def _best(values: pd.DataFrame, metric: str) -> pd.Series | None:
+    if values.empty:
+        return None
+    return values.loc[values["value"].idxmax() if higher_is_better(metric) else values["value"].idxmin()]
+
+
+def _fmt(value) -> str:
+    return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4g}"
+
+
+def learned_the_distribution(results: pd.DataFrame, models: dict) -> list[Finding]:
+    """A trained model against the analytic baseline its entry names (`baseline_model`), on FID."""
+    found = []
+    for model, spec in models.items():
+        baseline = spec.get("baseline_model")
+        if baseline is None or model not in set(results["model"]):
+            continue
+        fid = _values(results, "fid")
+        ours, theirs = _best(fid[fid["model"] == model], "fid"), _best(fid[fid["model"] == baseline], "fid")
+        if ours is None or theirs is None:
+            verdict = f"not decided: no FID of {'both' if ours is None and theirs is None else (model if ours is None else baseline)} here"
+        else:
+            ratio = theirs["value"] / ours["value"] if ours["value"] > 0 else math.inf
+            learned = ratio >= LEARNED_RATIO
+            verdict = (f"{model} {'learned' if learned else 'did not learn'} the distribution beyond second-order "
+                       f"statistics: its best FID is {ratio:.3g}x lower than {baseline}'s "
+                       f"(the bar is {LEARNED_RATIO:g}x)")
+        rows = [[name, row["method"], int(row["nfe"]), _fmt(row["value"])]
+                for name, row in ((model, ours), (baseline, theirs)) if row is not None]
+        found.append(Finding(f"Did {model} learn the distribution?", verdict, ["model", "best method", "NFE", "FID"],
+                             rows, model))
+    return found
+
+
+def distillation_versus_solvers(results: pd.DataFrame, models: dict) -> list[Finding]:
+    """A distilled student at 1-2 steps against every training-free solver of its teacher at the same NFE."""
+    found = []
+    for student, spec in models.items():
+        teacher = (spec.get("train") or {}).get("teacher")
+        if teacher is None or student not in set(results["model"]):
+            continue
+        metric = _quality_metric(results, student)
+        if metric is None:
+            continue
+        values = _values(results, metric)
+        rows, wins, decided = [], [], []
+        for nfe in FEW_STEPS:
+            ours = _best(values[(values["model"] == student) & (values["nfe"] == nfe)], metric)
+            solvers = values[(values["model"] == teacher) & (values["nfe"] == nfe) & (values["family"] == "solver")]
+            theirs = _best(solvers, metric)
+            if ours is None or theirs is None:
+                continue
+            better = ours["value"] > theirs["value"] if higher_is_better(metric) else ours["value"] < theirs["value"]
+            decided.append(nfe)
+            wins += [nfe] if better else []
+            rows.append([nfe, f"{ours['method']}: {_fmt(ours['value'])}",
+                         f"{theirs['method']}: {_fmt(theirs['value'])}", "yes" if better else "no"])
+        if not decided:
+            verdict = f"not decided: {student} and {teacher}'s solvers have no common NFE in {FEW_STEPS}"
+        elif len(wins) == len(decided):
+            verdict = (f"distillation beats every training-free solver here: {student} is better than the best of "
+                       f"{teacher}'s solvers at NFE {', '.join(map(str, decided))}")
+        else:
+            verdict = (f"distillation does not beat every training-free solver here: at NFE "
+                       f"{', '.join(str(n) for n in decided if n not in wins)} one of {teacher}'s solvers does better")
+        found.append(Finding(f"{student} versus {teacher}'s training-free solvers ({metric})", verdict,
+                             ["NFE", f"{student} (best)", f"{teacher}, best solver", "student better"], rows, student))
+    return found
+
+
+def stitching_versus_large_model(results: pd.DataFrame, methods: dict) -> list[Finding]:
+    """Each stitched method beside its base solver on the large model alone, at the same NFE, in one run."""
+    stitched = [m for m, s in methods.items() if s.get("family") == "stitch"]
+    found = []
+    for model in sorted(set(results[results["method"].isin(stitched)]["model"])):
+        metric = _quality_metric(results, model)
+        quality = _values(results, metric) if metric else results.iloc[0:0]
+        cost = {name: _values(results, name) for name in ("wall_s_per_sample", "gflops_per_sample")}
+
+        def value(table, method, nfe):
+            hit = table[(table["model"] == model) & (table["method"] == method) & (table["nfe"] == nfe)]
+            return float(hit["value"].iloc[0]) if len(hit) else None
+
+        rows, cheaper_as_good = [], []
+        for method in stitched:
+            base, fraction = methods[method]["stitch"]["base"], methods[method]["stitch"]["fraction"]
+            for nfe in sorted(set(results[(results["model"] == model) & (results["method"] == method)]["nfe"])):
+                q, q0 = value(quality, method, nfe), value(quality, base, nfe)
+                w, w0 = value(cost["wall_s_per_sample"], method, nfe), value(cost["wall_s_per_sample"], base, nfe)
+                g, g0 = value(cost["gflops_per_sample"], method, nfe), value(cost["gflops_per_sample"], base, nfe)
+                if q is None or q0 is None:
+                    continue
+                rows.append([method, f"{fraction:g}", int(nfe), f"{_fmt(q)} vs {_fmt(q0)}",
+                             f"{_fmt(w)} vs {_fmt(w0)}", f"{_fmt(g)} vs {_fmt(g0)}",
+                             _fmt(w0 / w) if w and w0 else "—"])
+                if g is not None and g0 is not None and g < g0 and q <= q0 * 1.1:
+                    cheaper_as_good.append(f"{method} at NFE {int(nfe)}")
+        if not rows:
+            continue
+        verdict = (f"stitching saves FLOPs at a quality within 10% of the large model alone for "
+                   f"{', '.join(cheaper_as_good)}" if cheaper_as_good else
+                   "no stitched method kept the large model's quality within 10% while saving FLOPs here")
+        found.append(Finding(f"T-Stitch on {model} ({metric}; stitched vs large model alone, same run)", verdict,
+                             ["method", "fraction", "NFE", metric, "wall s/sample", "GFLOPs/sample",
+                              "speed-up (wall)"], rows, model))
+    return found
+
+
+def all_findings(results: pd.DataFrame, models: dict, methods: dict) -> list[Finding]:
+    unguided = results[results["guidance"].fillna(1.0) == 1.0]
+    return [*learned_the_distribution(unguided, models), *distillation_versus_solvers(unguided, models),
+            *stitching_versus_large_model(unguided, methods)]
