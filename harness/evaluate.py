@@ -6,6 +6,7 @@ import math
 import zipfile
 from pathlib import Path
 
+import numpy as np
 
 from harness import accounting
 from harness.cellstore import NpzArray
@@ -22,13 +23,14 @@ def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names:
                   device: str = "cpu") -> dict:
     cell_dir = Path(cell_dir)
     cell = verified_cell(cell_dir)  # the samples are the ones cell.json describes, or one line says why not
-    samples, latents = read_samples(cell_dir / "samples.npz")
+    samples, latents, labels = read_samples(cell_dir / "samples.npz")
     metric_classes = [METRICS.get(name) for name in metric_names]  # unknown names fail before any work
 
     out: dict = {"status": cell["status"], "ci": {}, "provenance": {},
                  # the cell these numbers describe: the report shows them only while it is unchanged
                  "cell": {"config_hash": cell["provenance"]["config_hash"], "samples_sha256": cell["samples_sha256"]}}
-    ctx = EvalContext(cell_dir, cell, samples, model_spec, methods, Path(cache_dir), device, latents=latents)
+    ctx = EvalContext(cell_dir, cell, samples, model_spec, methods, Path(cache_dir), device, latents=latents,
+                      labels=labels)
     for name, cls in zip(metric_names, metric_classes):
         if cell["status"] != "ok" and name not in ("wall_s_per_sample", "peak_mem_mb"):
             out[name] = None  # a diverged cell is a result: its quality metrics are undefined
@@ -43,12 +45,14 @@ def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names:
     return out
 
 
-def read_samples(path: Path) -> tuple[NpzArray, NpzArray | None]:
-    """samples (and latents, for latent models) of a samples.npz, read in blocks by the metrics; an unreadable
-    file is one line."""
+def read_samples(path: Path) -> tuple[NpzArray, NpzArray | None, np.ndarray | None]:
+    """samples (latents, for latent models; labels, for class-conditional ones) of a samples.npz, the first two
+    read in blocks by the metrics; an unreadable file is one line."""
     try:
         with zipfile.ZipFile(path) as archive:
-            has_latents = "latents.npy" in archive.namelist()
-        return NpzArray(path, "samples"), (NpzArray(path, "latents") if has_latents else None)
+            names = archive.namelist()
+        optional = {name: NpzArray(path, name) if f"{name}.npy" in names else None for name in ("latents", "labels")}
+        labels = optional["labels"].load() if optional["labels"] is not None else None
+        return NpzArray(path, "samples"), optional["latents"], labels
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise StepbenchError(f"{path}: unreadable samples ({type(err).__name__}: {err}); sample the cell again") from None

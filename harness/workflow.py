@@ -27,7 +27,7 @@ from harness.models import check_model
 
 # metric -> reference solution kind it reads
 REFERENCE_KIND = {"exact_err": "exact", "mse_ref": "solver"}
-FIDELITY_METRICS = {"fid", "kid", "is", "prc", "precision", "recall"}
+FIDELITY_METRICS = {"fid", "kid", "is", "prc", "precision", "recall", "class_acc"}
 
 
 @dataclass

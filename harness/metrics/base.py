@@ -31,6 +31,7 @@ class EvalContext:
     cache_dir: Path
     device: str = "cpu"
     latents: np.ndarray | None = None  # latent models: [S, *latent_shape] float32, the samples before decode
+    labels: np.ndarray | None = None  # class-conditional models: int64 [S], the label each sample was drawn for
     _memo: dict = field(default_factory=dict)
 
     def memo(self, key: str, fn: Callable[[], Any]) -> Any:

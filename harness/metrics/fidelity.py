@@ -586,3 +586,24 @@ class Recall(Metric):
 
     def compute(self, ctx: EvalContext) -> MetricValue:
         return _precision_recall(ctx)["recall"]
+
+
+class ClassAccuracy(Metric):
+    """Condition adherence of a class-conditional model: the share of samples the extractor's classifier (the
+    digits-cnn's logits) assigns to the label they were drawn for; the class-conditional counterpart of CLIP
+    score. A bootstrap over samples gives its interval."""
+
+    name = "class_acc"
+    higher_is_better = True
+
+    def compute(self, ctx: EvalContext) -> MetricValue:
+        if ctx.labels is None:
+            raise StepbenchError("class_acc needs the samples' labels: a class-conditional model's cell")
+        setup = setup_of(ctx)
+        layer = setup.layer("isc")
+        features, provenance = sample_features(ctx)
+        correct = (features[layer].argmax(1).numpy() == np.asarray(ctx.labels)).astype(np.float64)
+        value = float(correct.mean())
+        interval = bootstrap_interval(lambda i: float(correct[i.numpy()].mean()), len(correct), setup.bootstrap, value)
+        return _value(value, interval, {**provenance, "feature_layer": layer, "classifier": f"{setup.extractor} argmax",
+                                        "bootstrap": setup.bootstrap.provenance()})

@@ -76,13 +76,30 @@ class NetworkDenoiser(Denoiser):
     """Wraps net(x_t, t, cond) on unscaled inputs with native time t into the scaled convention.
 
     x_t = alpha * x~; the network's output is converted to x0_hat according to `info.prediction`.
+
+    The network runs on chunks of exactly `chunk` rows (the last padded): a row's output must not depend on how
+    many rows share its call (the paired-noise rule), and kernels are chosen by batch size (on CPU a single row
+    takes another path than two, and differs in the last bits). Padding costs at most one partial chunk a call.
     """
 
     def __init__(self, net: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], info: DenoiserInfo,
-                 module: torch.nn.Module | None = None):
+                 module: torch.nn.Module | None = None, chunk: int = 64):
         self.net = net
         self.info = info
         self.module = module  # the network behind `net`, for transforms that need it (quantisation)
+        self.chunk = chunk
+
+    def _net_in_chunks(self, x_t, t, cond):
+        outs = []
+        for start in range(0, len(x_t), self.chunk):
+            rows = slice(start, start + self.chunk)
+            xs, ts, cs = x_t[rows], t[rows], None if cond is None else cond[rows]
+            pad = self.chunk - len(xs)
+            if pad:  # repeat the chunk's first row: a valid input, and its outputs are dropped
+                xs, ts = torch.cat([xs, xs[:1].expand(pad, *xs.shape[1:])]), torch.cat([ts, ts[:1].expand(pad)])
+                cs = None if cs is None else torch.cat([cs, cs[:1].expand(pad, *cs.shape[1:])])
+            outs.append(self.net(xs, ts, cs)[: len(xs) - pad])
+        return torch.cat(outs)
 
     def denoise(self, x, sigma, cond=None):
         process = self.info.process
@@ -90,7 +107,7 @@ class NetworkDenoiser(Denoiser):
         alpha = torch.as_tensor(process.alpha(sig), dtype=x.dtype, device=x.device)
         t = torch.as_tensor(process.t(sig), dtype=x.dtype, device=x.device)
         x_t = x * _bcast(alpha, x)
-        out = self.net(x_t, t, cond)
+        out = self._net_in_chunks(x_t, t, cond)
         return prediction_to_x0(self.info.prediction, out, x_t, _bcast(alpha, x), _bcast(alpha * sigma, x))
 
 

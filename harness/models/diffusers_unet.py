@@ -18,7 +18,8 @@ unconditional half of classifier-free guidance), by default the last embedding (
 trainers append it after the classes).
 
     params: {subfolder: unet, dtype: float32 | float16 | bfloat16 | float64, prediction: eps | v | x0,
-             null_class: int, cache_dir: the Hugging Face cache to read (default: HF_HUB_CACHE / ~/.cache/huggingface/hub)}
+             null_class: int, network_batch: rows per network call (64; see NetworkDenoiser),
+             cache_dir: the Hugging Face cache to read (default: HF_HUB_CACHE / ~/.cache/huggingface/hub)}
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class DiffusersUNet(NetworkDenoiser):
             out = unet(x_t, t, class_labels=labels, return_dict=False)[0]
             return out[:, :channels]  # learned-variance networks append their variance channels
 
-        return cls(net, info, module=unet)
+        return cls(net, info, module=unet, chunk=int(params.get("network_batch", 64)))
 
 
 def _checkpoint_setup(spec: dict) -> tuple[str, object, str]:

@@ -16,7 +16,7 @@ from harness.grid import expand_grid, grid_seeds, load_grid
 from harness.report.collect import collect_results
 from harness.report.html import render_page
 from harness.report.layout import plan_layout
-from harness.report.plots import write_plots
+from harness.report.plots import write_guidance_plots, write_plots
 
 __all__ = ["collect_results", "render_report"]
 
@@ -34,7 +34,8 @@ def render_report(results_dir: Path, out: Path, grid_file: Path | None, models_f
     write_text(out / "results.csv", collected.results.to_csv(index=False))
     if collected.per_seed["seed"].nunique() > 1:  # the aggregated rows hide the seeds: keep them too
         write_text(out / "results_per_seed.csv", collected.per_seed.to_csv(index=False))
-    plots = write_plots(collected.results, layouts, out / "plots")
+    plots = {**write_plots(collected.results, layouts, out / "plots"),
+             **write_guidance_plots(collected.results, out / "plots")}
     page = render_page(
         collected, layouts, plots,
         results_dir=str(results_dir), grid_file=str(grid_file) if grid_file else None,

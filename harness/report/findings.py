@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from harness.report.layout import higher_is_better
@@ -30,7 +31,7 @@ class Finding:
 
 def _values(results: pd.DataFrame, metric: str) -> pd.DataFrame:
     rows = results[(results["metric"] == metric) & (results["status"] == "ok")]
-    return rows[rows["value"].map(lambda v: isinstance(v, float) and math.isfinite(v))]
+    return rows[np.isfinite(rows["value"].astype(float))]
 
 
 def _quality_metric(results: pd.DataFrame, model: str) -> str | None:
@@ -146,7 +147,49 @@ def stitching_versus_large_model(results: pd.DataFrame, methods: dict) -> list[F
     return found
 
 
+SINGLESTEP = ("dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_3s")  # high-order singlestep solvers
+MULTISTEP_CLAIMED = "dpmpp_2m"
+
+
+def guidance_claim(results: pd.DataFrame, methods: dict) -> list[Finding]:
+    """DPM-Solver++'s claim (Lu et al. 2022): at large guidance scales high-order singlestep solvers degrade while
+    DPM-Solver++(2M) stays stable. Per scale: each singlestep solver's FID against dpmpp_2m's at the same NFE.
+    The claim holds at a scale where dpmpp_2m is better than every singlestep solver there."""
+    fid = _values(results, "fid").copy()
+    fid["guidance"] = fid["guidance"].fillna(1.0)
+    solver_of = {m: s.get("solver") for m, s in methods.items()
+                 if s.get("family") == "solver" and not s.get("thresholding")}
+    found = []
+    for model in sorted(set(fid["model"])):
+        rows = fid[fid["model"] == model]
+        if rows["guidance"].nunique() < 2:
+            continue
+        table, sentences = [], []
+        for scale in sorted(set(rows["guidance"])):
+            at = rows[rows["guidance"] == scale]
+            compared = []
+            for single in [m for m in sorted(set(at["method"])) if solver_of.get(m) in SINGLESTEP]:
+                for nfe in sorted(set(at[at["method"] == single]["nfe"])):
+                    ours = at[(at["method"] == single) & (at["nfe"] == nfe)]["value"]
+                    theirs = at[(at["method"] == MULTISTEP_CLAIMED) & (at["nfe"] == nfe)]["value"]
+                    if len(ours) and len(theirs):
+                        compared.append((single, int(nfe), float(ours.iloc[0]), float(theirs.iloc[0])))
+                        table.append([f"{scale:g}", single, int(nfe), _fmt(float(ours.iloc[0])),
+                                      _fmt(float(theirs.iloc[0]))])
+            if compared:
+                holds = all(multi < single_fid for _, _, single_fid, multi in compared)
+                sentences.append(f"w={scale:g}: {'holds' if holds else 'does not hold'} ("
+                                 + ", ".join(f"{m} {_fmt(a)} vs dpmpp_2m {_fmt(b)} at NFE {n}" for m, n, a, b in compared)
+                                 + ")")
+        if sentences:
+            found.append(Finding(f"DPM-Solver++'s guided-sampling claim on {model} (FID)",
+                                 "'high-order singlestep solvers degrade at large guidance while DPM-Solver++(2M) stays "
+                                 "stable' " + "; ".join(sentences),
+                                 ["guidance", "singlestep solver", "NFE", "its FID", "dpmpp_2m FID"], table, model))
+    return found
+
+
 def all_findings(results: pd.DataFrame, models: dict, methods: dict) -> list[Finding]:
     unguided = results[results["guidance"].fillna(1.0) == 1.0]
     return [*learned_the_distribution(unguided, models), *distillation_versus_solvers(unguided, models),
-            *stitching_versus_large_model(unguided, methods)]
+            *stitching_versus_large_model(unguided, methods), *guidance_claim(results, methods)]

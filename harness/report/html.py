@@ -115,6 +115,12 @@ def _model_section(rows: pd.DataFrame, layout: ModelLayout, plots: dict, models:
         image = (f'<img src="plots/{escape(plot)}" alt="{escape(f"{layout.name}: {metric} vs NFE")}">' if plot else "")
         parts.append(f'<div class="metric">\n{table}\n{image}\n</div>')
     parts.append(_baseline_section(rows, layout, methods))
+    if layout.guidance == 1:  # a model's plots across its guidance scales, once
+        images = [name for (plotted, kind), name in sorted(plots.items()) if plotted == model
+                  and (kind == "tradeoff" or kind.startswith("guidance:"))]
+        if images:
+            parts.append("<h3>Across guidance scales</h3>\n<div class=\"metric\">"
+                         + "".join(f'<img src="plots/{escape(name)}" alt="{escape(name)}">' for name in images) + "</div>")
     if layout.guidance == 1:  # the findings are about the models without guidance
         parts.extend(_finding(f) for f in findings if f.model == model)
     parts.append(_metric_provenance(model, layout.metrics, metric_provenance))

@@ -74,3 +74,59 @@ def _plot(points: pd.DataFrame, layout: ModelLayout, metric: str, styles: dict, 
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=1 if len(layout.methods) <= 14 else 2)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
+
+
+def write_guidance_plots(results: pd.DataFrame, plots_dir: Path) -> dict[tuple[str, str], str]:
+    """For each model with several guidance scales: quality against the scale per metric (one line per method
+    and NFE), and the trade-off people read to choose a scale, FID against class_acc over the scales.
+
+    Returns (model, "guidance:<metric>" or "tradeoff") -> file name inside plots_dir.
+    """
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    ok = results[(results["status"] == "ok") & results["value"].notna()].copy()
+    ok["guidance"] = ok["guidance"].fillna(1.0)
+    written = {}
+    for model in sorted(set(ok["model"])):
+        rows = ok[ok["model"] == model]
+        if rows["guidance"].nunique() < 2:
+            continue
+        lines = rows.groupby(["method", "nfe"])
+        for metric in sorted(set(rows["metric"]) - {"wall_s_per_sample", "peak_mem_mb", "gflops_per_sample"}):
+            fig, ax = _figure()
+            for i, ((method, nfe), line) in enumerate(lines):
+                line = line[line["metric"] == metric].sort_values("guidance")
+                if len(line) > 1:
+                    ax.plot(line["guidance"], line["value"], marker=MARKERS[i % len(MARKERS)], label=f"{method} @ {nfe}")
+            if not ax.lines:
+                continue
+            ax.set_xlabel("guidance scale w")
+            ax.set_ylabel(metric)
+            ax.set_title(f"{model}: {metric} vs guidance ({direction_label(metric)})", fontsize=10)
+            written[(model, f"guidance:{metric}")] = _save(fig, ax, plots_dir / plot_file_name(model, f"guidance-{metric}"))
+        if {"fid", "class_acc"} <= set(rows["metric"]):
+            fig, ax = _figure()
+            for i, ((method, nfe), line) in enumerate(lines):
+                table = line.pivot_table(index="guidance", columns="metric", values="value")
+                if {"fid", "class_acc"} <= set(table.columns) and len(table) > 1:
+                    ax.plot(table["class_acc"], table["fid"], marker=MARKERS[i % len(MARKERS)], label=f"{method} @ {nfe}")
+                    for w, point in table.iterrows():
+                        ax.annotate(f"w={w:g}", (point["class_acc"], point["fid"]), fontsize=6, alpha=0.7)
+            if ax.lines:
+                ax.set_xlabel("class_acc (higher: follows its label)")
+                ax.set_ylabel("FID (lower: closer to the data)")
+                ax.set_title(f"{model}: quality vs adherence over guidance scales", fontsize=10)
+                written[(model, "tradeoff")] = _save(fig, ax, plots_dir / plot_file_name(model, "guidance-tradeoff"))
+    return written
+
+
+def _figure():
+    fig = Figure(figsize=(7.5, 3.8), dpi=100, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _save(fig, ax, path: Path) -> str:
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    return path.name
