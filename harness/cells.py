@@ -15,7 +15,6 @@ from harness.config import config_hash
 from harness.errors import StepbenchError
 from harness.files import sha256_file, write_json
 from harness.guidance import check_interval, guided
-from harness.labels import sample_labels
 from harness.memory import PeakMemory
 from harness.methods import make_sampler
 from harness.models import load_denoiser, resolve_device
@@ -35,7 +34,7 @@ class Generated:
     network_s: float  # of wall_s, inside denoiser calls
     status: str  # ok | diverged
     latents: np.ndarray | None = None  # latent models: float32 [S, ...] before decode (mse_ref's space)
-    labels: np.ndarray | None = None  # class-conditional models: int64 [S], sample i's from (seed, i)
+    conditions: dict[str, np.ndarray] | None = None  # what samples.npz keeps of the conditions (labels: int64 [S])
     evals_by_model: dict[str, float] | None = None  # network passes per sample of each model (MAIN: the cell's)
 
 
@@ -65,9 +64,7 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
         rows = range(start, min(start + batch_size, num_samples))
         gen = SampleNoise(seed, rows, device=info.device)
         noise = gen.randn(info.data_shape, dtype=info.dtype)
-        cond = None
-        if info.num_classes:
-            cond = torch.as_tensor(sample_labels(seed, rows, info.num_classes), device=info.device)
+        cond = denoiser.conditions(seed, rows)  # class labels, prompts: from (seed, i) as the noise is
         _sync(info.device)
         t0 = time.perf_counter()
         z0 = sampler.sample(counted, noise, nfe, cond, gen)
@@ -88,14 +85,14 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
     progress.close()
     records = store.finished().values()
     status = "ok" if all(r["finite"] for r in records) else "diverged"
-    labels = sample_labels(seed, range(num_samples), info.num_classes) if info.num_classes else None
+    conditions = denoiser.condition_record(seed, num_samples)
     evals: dict[str, float] = {}
     for record in records:
         for model, network_rows in record["network_rows"].items():
             evals[model] = evals.get(model, 0) + network_rows / num_samples
     return Generated(store.array("samples"), store.array("noise"), sum(r["rows"] for r in records) / num_samples,
                      sum(r["wall_s"] for r in records), sum(r["network_s"] for r in records), status,
-                     store.array("latents"), labels, evals)
+                     store.array("latents"), conditions, evals)
 
 
 def _progress(batches: int, show: bool):
@@ -163,8 +160,7 @@ def run_cell(
 
     # metrics of samples this run replaces would otherwise be reported as this cell's
     (out_dir / "metrics.json").unlink(missing_ok=True)
-    store.write_npz(out_dir / "samples.npz", ["samples", "noise", "latents"],
-                    {"labels": result.labels} if result.labels is not None else None)
+    store.write_npz(out_dir / "samples.npz", ["samples", "noise", "latents"], result.conditions)
     cell = {
         "model": model_id,
         "method": method_id,

@@ -18,32 +18,31 @@ from __future__ import annotations
 import torch
 
 from harness.errors import ConfigError
-from harness.models.base import Denoiser
+from harness.models.base import Denoiser, WrappedDenoiser, concat_conditions, condition_rows
 
 
-class GuidedDenoiser(Denoiser):
+class GuidedDenoiser(WrappedDenoiser):
     def __init__(self, inner: Denoiser, scale: float, interval: tuple[float, float] | None = None):
-        if inner.info.null_class is None:
-            raise ConfigError("classifier-free guidance needs a class-conditional model with a null class")
-        self.inner, self.scale, self.interval = inner, float(scale), interval
-        self.info = inner.info
+        if inner.info.null_class is None and not inner.info.extra.get("text"):
+            raise ConfigError("classifier-free guidance needs a class-conditional model with a null class "
+                              "(or a text-conditional one)")
+        super().__init__(inner)
+        self.scale, self.interval = float(scale), interval
 
     def denoise(self, x, sigma, cond=None):
         if cond is None:
-            raise ValueError("a guided denoiser needs the samples' labels")
+            raise ValueError("a guided denoiser needs the samples' conditions")
         guided = torch.ones(len(x), dtype=torch.bool, device=x.device)
         if self.interval is not None:
             lo, hi = self.interval
             guided = (sigma >= lo) & (sigma <= hi)
-        null = torch.full((int(guided.sum()),), self.info.null_class, dtype=cond.dtype, device=cond.device)
+        null = self.inner.null_condition(condition_rows(cond, guided))
         # one network call: every row conditional, the guided rows once more unconditional
-        both = self.inner.denoise(torch.cat([x, x[guided]]), torch.cat([sigma, sigma[guided]]), torch.cat([cond, null]))
+        both = self.inner.denoise(torch.cat([x, x[guided]]), torch.cat([sigma, sigma[guided]]),
+                                  concat_conditions([cond, null]))
         out, unconditional = both[: len(x)], both[len(x):]
         out[guided] = unconditional + self.scale * (out[guided] - unconditional)
         return out
-
-    def decode(self, x0):
-        return self.inner.decode(x0)
 
 
 def guided(denoiser: Denoiser, scale: float, interval: tuple[float, float] | None = None) -> Denoiser:

@@ -7,10 +7,10 @@ import time
 import torch
 
 from harness import accounting
-from harness.models.base import Denoiser
+from harness.models.base import Denoiser, WrappedDenoiser
 
 
-class CountingDenoiser(Denoiser):
+class CountingDenoiser(WrappedDenoiser):
     """Wraps a Denoiser and counts denoiser evaluations per sample row.
 
     `rows` counts D evaluations summed over rows; nfe_measured = rows / samples. The wrapped
@@ -20,9 +20,7 @@ class CountingDenoiser(Denoiser):
     """
 
     def __init__(self, inner: Denoiser):
-        self.inner = inner
-        self.info = inner.info
-        self.exact_flow = inner.exact_flow
+        super().__init__(inner)
         self.rows = 0
         self.network_s = 0.0
         self._cuda = torch.device(inner.info.device).type == "cuda"
@@ -37,8 +35,7 @@ class CountingDenoiser(Denoiser):
         self.network_s += time.perf_counter() - start
         return out
 
-    def decode(self, x0):
-        return self.inner.decode(x0)
+
 
     def nfe_per_sample(self, num_samples: int) -> float:
         return self.rows / num_samples

@@ -11,14 +11,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 
 from harness.config import config_hash
 from harness.errors import StepbenchError
 from harness.files import load_artifact, save_artifact
-from harness.labels import sample_labels
 from harness.models import load_denoiser
-from harness.models.base import Denoiser
+from harness.models.base import Denoiser, WrappedDenoiser
 from harness.nfe import CountingDenoiser
 
 CALIBRATION_SEED = 2**31 - 1  # cells use small seeds; calibration draws never coincide with theirs
@@ -50,25 +48,18 @@ def prepare(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nf
     return path
 
 
-class _CalibrationLabels(Denoiser):
-    """A class-conditional denoiser called without labels during calibration: row r gets the label sample r of
-    the calibration seed gets (balanced over the classes), instead of the unconditional model."""
-
-    def __init__(self, inner: Denoiser):
-        self.inner, self.info = inner, inner.info
+class _CalibrationLabels(WrappedDenoiser):
+    """A conditional denoiser called without conditions during calibration: row r gets the condition sample r
+    of the calibration seed gets (balanced over the classes), instead of the unconditional model."""
 
     def denoise(self, x, sigma, cond=None):
         if cond is None:
-            cond = torch.as_tensor(sample_labels(CALIBRATION_SEED, range(len(x)), self.info.num_classes),
-                                   device=x.device)
+            cond = self.inner.conditions(CALIBRATION_SEED, range(len(x)))
         return self.inner.denoise(x, sigma, cond)
-
-    def decode(self, x0):
-        return self.inner.decode(x0)
 
 
 def calibration_labels(denoiser: Denoiser) -> Denoiser:
-    return _CalibrationLabels(denoiser) if denoiser.info.num_classes else denoiser
+    return _CalibrationLabels(denoiser) if denoiser.conditions(CALIBRATION_SEED, range(1)) is not None else denoiser
 
 
 def load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe: int) -> dict | None:

@@ -19,15 +19,16 @@ import torch
 
 from harness.errors import ConfigError, UnsupportedNFE
 from harness.methods.base import Sampler
-from harness.models.base import Denoiser
+from harness.models.base import Denoiser, WrappedDenoiser
 
 
-class StitchedDenoiser(Denoiser):
-    """Rows whose noise level is at or above the switch go to the small model, the others to the large one."""
+class StitchedDenoiser(WrappedDenoiser):
+    """Rows whose noise level is at or above the switch go to the small model, the others to the large one (the
+    inner one: its conditions, decoder and data space are the cell's)."""
 
     def __init__(self, large: Denoiser, small: Denoiser, fraction: float):
+        super().__init__(large)
         self.large, self.small, self.fraction = large, small, fraction
-        self.info = large.info
         lo, hi = self.info.process.t_range
         self.t_lo, self.t_hi = float(lo), float(hi)
 
@@ -48,9 +49,6 @@ class StitchedDenoiser(Denoiser):
         for mask, model in ((small, self.small), (~small, self.large)):
             out[mask] = model.denoise(x[mask], sigma[mask], None if cond is None else cond[mask])
         return out
-
-    def decode(self, x0):
-        return self.large.decode(x0)
 
 
 class StitchSampler(Sampler):

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from harness.errors import ConfigError
 from harness.schedules import NoiseProcess
 
 
@@ -66,6 +67,71 @@ class Denoiser(ABC):
     @property
     def process(self) -> NoiseProcess:
         return self.info.process
+
+    # ---- conditioning: what sample i is conditioned on depends only on (seed, i), as its noise does ----
+
+    def conditions(self, seed: int, indices) -> Any:
+        """The `cond` of the samples `indices` of a cell seeded with `seed`: balanced class labels for a
+        class-conditional model (harness.labels), None for an unconditional one. Text-conditional adapters give
+        their prompts' encodings here."""
+        if not self.info.num_classes:
+            return None
+        from harness.labels import sample_labels
+
+        return torch.as_tensor(sample_labels(seed, indices, self.info.num_classes), device=self.info.device)
+
+    def condition_record(self, seed: int, num_samples: int) -> dict[str, np.ndarray]:
+        """What samples.npz keeps of the cell's conditions (the labels; a text model's prompt indices)."""
+        if not self.info.num_classes:
+            return {}
+        from harness.labels import sample_labels
+
+        return {"labels": sample_labels(seed, range(num_samples), self.info.num_classes)}
+
+    def null_condition(self, cond: Any) -> Any:
+        """The unconditional model's `cond` for the rows of `cond` (guidance): the null class by default."""
+        if self.info.null_class is None:
+            raise ConfigError("classifier-free guidance needs a conditional model with an unconditional input "
+                              "(a null class)")
+        return torch.full((len(cond),), self.info.null_class, dtype=cond.dtype, device=cond.device)
+
+
+class WrappedDenoiser(Denoiser):
+    """A denoiser built on another (counted, guided, stitched): everything but `denoise` is the inner one's."""
+
+    def __init__(self, inner: Denoiser):
+        self.inner = inner
+        self.info = inner.info
+        self.exact_flow = inner.exact_flow
+
+    def decode(self, x0):
+        return self.inner.decode(x0)
+
+    def conditions(self, seed, indices):
+        return self.inner.conditions(seed, indices)
+
+    def condition_record(self, seed, num_samples):
+        return self.inner.condition_record(seed, num_samples)
+
+    def null_condition(self, cond):
+        return self.inner.null_condition(cond)
+
+
+def condition_rows(cond: Any, rows) -> Any:
+    """Rows of a condition: a tensor, or a dict of tensors (a text model's embeddings), or None."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: condition_rows(v, rows) for k, v in cond.items()}
+    return cond[rows]
+
+
+def concat_conditions(conds: list) -> Any:
+    if conds[0] is None:
+        return None
+    if isinstance(conds[0], dict):
+        return {k: concat_conditions([c[k] for c in conds]) for k in conds[0]}
+    return torch.cat(conds)
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
