@@ -7,6 +7,7 @@ from harness.registry import Registry
 FAMILIES: Registry = Registry("method family", "harness.methods.base:Sampler")
 FAMILIES.add("solver", "harness.methods.family_solver:SolverSampler")
 FAMILIES.add("stitch", "harness.methods.family_stitch:StitchSampler")
+FAMILIES.add("student", "harness.methods.family_student:StudentSampler")
 
 
 def make_sampler(spec: dict):

@@ -12,6 +12,11 @@ prediction type (epsilon, v_prediction, sample) comes from that config; `params.
 state it too and is then checked. Networks with a learned variance (out_channels = 2 x in_channels,
 iDDPM) give their first half, the mean's prediction.
 
+A scheduler config of class CMStochasticIterativeScheduler (openai/diffusers-cd_imagenet64_l2 and the
+embedded digits-student are stored so) makes the UNet a consistency model: the Denoiser is
+f(x, sigma) = c_skip x + c_out F(c_in x, t(sigma)) of harness.models.consistency, on the EDM process of the
+config's sigma range, which models.yaml's `process` must state (checked like the betas).
+
 Class-conditional networks (num_class_embeds in their config) take the class label of each sample as the
 Denoiser's `cond`; `params.null_class` names the label the network was trained on for "no class" (the
 unconditional half of classifier-free guidance), by default the last embedding (diffusers' and stepbench's
@@ -32,6 +37,7 @@ import torch
 
 from harness.errors import ConfigError, StepbenchError
 from harness.models.base import DenoiserInfo, NetworkDenoiser
+from harness.models.consistency import SCHEDULER_CLASS, ConsistencyParametrisation, check_edm_process
 from harness.schedules import VPDiscrete, make_process
 
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -46,7 +52,7 @@ class DiffusersUNet(NetworkDenoiser):
     @classmethod
     def from_config(cls, spec: dict, device: torch.device) -> "DiffusersUNet":
         params = spec.get("params", {})
-        source, process, prediction = _checkpoint_setup(spec)
+        source, process, prediction, consistency = _checkpoint_setup(spec)
         dtype = _dtype(params.get("dtype", "float32"))
         subfolder, cache_dir = params.get("subfolder"), params.get("cache_dir")
         unet = _load_unet(source, [subfolder] if subfolder else ["unet", None], dtype, cache_dir).to(device).eval()
@@ -54,11 +60,14 @@ class DiffusersUNet(NetworkDenoiser):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         channels = unet.config.in_channels
         embeds = unet.config.num_class_embeds
+        # stepbench's trained networks keep their last embedding for the unconditional model; a hub network
+        # trained without label dropout (openai/diffusers-cd_imagenet64_l2) says `null_class: null`
         null_class = params.get("null_class", embeds - 1 if embeds else None)
-        classes = (embeds - 1 if embeds else 0)
+        classes = embeds - (null_class is not None) if embeds else 0
         if classes != spec.get("classes", 0):  # the grid plans labels and guidance from the entry
-            raise ConfigError(f"{source}: the network has {embeds or 0} class embeddings ({classes} classes and a null "
-                              f"class); the models.yaml entry says classes: {spec.get('classes', 'none')}")
+            null = "a null class" if null_class is not None else "no null class"
+            raise ConfigError(f"{source}: the network has {embeds or 0} class embeddings ({classes} classes and {null}); "
+                              f"the models.yaml entry says classes: {spec.get('classes', 'none')}")
         info = DenoiserInfo(
             data_shape=(channels, height, width),
             data_range=(-1.0, 1.0),
@@ -68,23 +77,29 @@ class DiffusersUNet(NetworkDenoiser):
             device=device,
             num_classes=classes,
             null_class=null_class,
-            extra={"source": source},
+            extra={"source": source, **({"consistency": consistency} if consistency else {})},
         )
 
-        @torch.inference_mode()
-        def net(x_t, t, cond=None):
+        def network(x_t, t, cond=None):
             labels = None
             if embeds:  # a class-conditional network: no labels means the unconditional model
                 labels = cond if cond is not None else torch.full((len(x_t),), null_class, device=x_t.device)
             out = unet(x_t, t, class_labels=labels, return_dict=False)[0]
             return out[:, :channels]  # learned-variance networks append their variance channels
 
+        @torch.inference_mode()
+        def net(x_t, t, cond=None):
+            if consistency is None:
+                return network(x_t, t, cond)
+            return consistency.apply(network, x_t, t, cond)  # on the EDM process t is sigma, x_t is x
+
         return cls(net, info, module=unet, chunk=int(params.get("network_batch", 64)))
 
 
-def _checkpoint_setup(spec: dict) -> tuple[str, object, str]:
-    """(source, noise process, prediction type) of an entry, from its scheduler config alone (a small file):
-    the checkpoint is found and agrees with models.yaml, or a one-line error says why not."""
+def _checkpoint_setup(spec: dict) -> tuple[str, object, str, ConsistencyParametrisation | None]:
+    """(source, noise process, prediction type, consistency parametrisation or None) of an entry, from its
+    scheduler config alone (a small file): the checkpoint is found and agrees with models.yaml, or a one-line
+    error says why not. A consistency model's Denoiser predicts x0 (its output is f)."""
     params = spec.get("params", {})
     source = spec.get("source")
     if not source:
@@ -98,8 +113,15 @@ def _checkpoint_setup(spec: dict) -> tuple[str, object, str]:
     _dtype(params.get("dtype", "float32"))
     scheduler_config = _load_scheduler_config(source, ["scheduler", None], params.get("cache_dir"))
     process = make_process(spec["process"])
+    if scheduler_config.get("_class_name") == SCHEDULER_CLASS:
+        consistency = ConsistencyParametrisation.from_scheduler_config(scheduler_config)
+        check_edm_process(source, process, consistency)
+        if params.get("prediction") not in (None, "x0"):
+            raise ConfigError(f"{source}: params.prediction is {params['prediction']!r} but a consistency model "
+                              f"predicts x0")
+        return source, process, "x0", consistency
     _check_process(source, process, scheduler_config)
-    return source, process, _prediction(source, scheduler_config, params.get("prediction"))
+    return source, process, _prediction(source, scheduler_config, params.get("prediction")), None
 
 
 def _dtype(name: str) -> torch.dtype:
