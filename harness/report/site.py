@@ -92,6 +92,16 @@ class MetricTable:
     rows: list[Row]
     audit: list[str]
     plots: list[Plot] = field(default_factory=list)
+    definition: str = ""  # the metric class's own first docstring line (a tooltip)
+
+
+def metric_definition(metric: str) -> str:
+    from harness.metrics import METRICS
+
+    if metric not in METRICS:
+        return "not a registered metric"
+    doc = (METRICS.get(metric).__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
 
 
 def format_interval(low, high) -> str:
@@ -134,7 +144,7 @@ def metric_table(rows: pd.DataFrame, cells: pd.DataFrame, layout: ModelLayout, m
         id=slug(f"{layout.name}--{metric}"), model=layout.model, metric=metric, direction=direction_label(metric),
         arrow="↑" if higher else "↓", nfes=layout.nfes, rows=table_rows,
         audit=[f"{method} @ NFE {nfe}: measured {row.nfe_measured:g}" for (method, nfe), row in audit.iterrows()],
-        plots=plots)
+        plots=plots, definition=metric_definition(metric))
 
 
 def _supported_best(values: pd.DataFrame, layout: ModelLayout, metric: str, significance: Significance) -> dict:
@@ -287,7 +297,8 @@ def render_site(out: Path, collected: Collected, layouts: list[ModelLayout], plo
         totals=_status_counts(results), ranking=ranking, sections=sections, results_dir=str(results_dir),
         findings=findings, few_nfe=f"{FEW_NFE.start}-{FEW_NFE.stop - 1}", tolerance=f"{MATCH_TOLERANCE:.0%}",
         per_seed=(out / "results_per_seed.csv").exists(), models=models,
-        hrefs={model: f"models/{model_page_name(model)}" for model in sections})
+        hrefs={model: f"models/{model_page_name(model)}" for model in sections},
+        any_baselines=any(s.baselines for secs in sections.values() for s in secs))
     write_text(out / "index.html", overview)
     pages.append(out / "index.html")
     for model, model_sections in sections.items():
