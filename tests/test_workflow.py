@@ -47,7 +47,7 @@ def test_tiny_grid_end_to_end_and_second_run_has_nothing_to_do(tmp_path):
     by_cell = {(r["method"], r["nfe"], r["metric"]): r for r in rows}
     assert float(by_cell[("euler", "4", "exact_err")]["value"]) > float(by_cell[("euler", "21", "exact_err")]["value"])
     assert by_cell[("heun", "4", "")]["status"] == "unsupported"  # heun needs odd NFE
-    assert "n/a (" in (tmp_path / "reports" / "index.html").read_text()
+    assert "n/a (" in (tmp_path / "reports" / "models" / "gmm2d.html").read_text()
     for r in rows:
         if r["status"] == "ok":
             assert float(r["nfe_measured"]) == float(r["nfe"])
