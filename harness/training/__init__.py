@@ -32,7 +32,7 @@ TRAINERS = {
     "diffusion_unet": ("harness.training.diffusion:train_unet", ("training/diffusion.py", *SHARED)),
     "consistency_distillation": ("harness.training.consistency:distill",
                                  ("training/consistency.py", "training/diffusion.py", "models/diffusers_unet.py",
-                                  "models/base.py", *SHARED)),
+                                  "models/consistency.py", "models/base.py", *SHARED)),
     "tarflow": ("harness.training.tarflow:train_for_zoo", ("training/tarflow.py", "models/tarflow.py", *SHARED)),
 }
 MARKER = "trained.json"
