@@ -102,7 +102,8 @@ class Checkpoint:
     def check_class(self, subfolder: str | None, supported: set[str]) -> dict:
         """The component's config.json, whose `_class_name` is one of `supported`."""
         config = self.config(subfolder)
-        found = config.get("_class_name")
+        # diffusers names the class in _class_name, transformers in architectures
+        found = config.get("_class_name") or (config.get("architectures") or [None])[0]
         if found not in supported:
             raise ConfigError(f"{self.adapter}: {self.where(subfolder)}/config.json names {found}, not "
                               f"{' or '.join(sorted(supported))}; {taken_by(found)}")
