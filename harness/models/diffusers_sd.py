@@ -108,12 +108,17 @@ class StableDiffusion(NetworkDenoiser):
 
     # ---- latents to images ----
 
-    @torch.inference_mode()
     def decode(self, z0):
-        scale = self.vae.config.scaling_factor
-        return torch.cat([self.vae.decode(z0[start:start + self.decode_batch].to(self.info.dtype) / scale,
-                                          return_dict=False)[0]
-                          for start in range(0, len(z0), self.decode_batch)])
+        return vae_decode(self.vae, z0, self.decode_batch, self.info.dtype)
+
+
+@torch.inference_mode()
+def vae_decode(vae, z0: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """Images from latents through an AutoencoderKL, `batch` latents per call (apart from the network's batch:
+    the decoder at full resolution needs more memory per row)."""
+    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+    return torch.cat([vae.decode(z0[start:start + batch].to(dtype) / scale + shift, return_dict=False)[0]
+                      for start in range(0, len(z0), batch)])
 
 
 def _setup(spec: dict):
