@@ -120,7 +120,7 @@ def test_ldm_folder_is_not_read_as_pixels(tmp_path):
 def test_uncached_hub_id_says_what_to_download_and_where(tmp_path):
     refused(spec("google/ddpm-cifar10-32", cache_dir=str(tmp_path)),
             rf"google/ddpm-cifar10-32 is not in the Hugging Face cache \({tmp_path}\).*fetch it once with "
-            rf"`hf download google/ddpm-cifar10-32 --include 'model_index.json' .*'\*.safetensors' "
+            rf"`hf download google/ddpm-cifar10-32 --include '\*.json' 'diffusion_pytorch_model.safetensors' .*"
             rf"--cache-dir {tmp_path}`")
 
 

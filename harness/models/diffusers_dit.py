@@ -26,8 +26,8 @@ from harness.schedules import make_process
 
 PIPELINES = {"DiTPipeline"}
 PARTS = {"transformer": {"DiTTransformer2DModel", "Transformer2DModel"}, "vae": {"AutoencoderKL"}}
-FILES = ["model_index.json", "scheduler/*"] + [f"{part}/{pattern}" for part in PARTS
-                                               for pattern in ("config.json", "*.safetensors")]
+FILES = ["model_index.json", "scheduler/*"] + [f"{part}/{name}" for part in PARTS
+                                               for name in ("config.json", "diffusion_pytorch_model.safetensors")]
 
 
 class DiffusersDiT(NetworkDenoiser):

@@ -32,8 +32,10 @@ from harness.schedules import make_process
 
 PIPELINES = {"StableDiffusionPipeline"}
 PARTS = {"unet": {"UNet2DConditionModel"}, "vae": {"AutoencoderKL"}, "text_encoder": {"CLIPTextModel"}}
-FILES = ["model_index.json", "scheduler/*", "tokenizer/*"] + [f"{part}/{pattern}" for part in PARTS
-                                                             for pattern in ("config.json", "*.safetensors")]
+WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+           "text_encoder": "model.safetensors"}
+FILES = ["model_index.json", "scheduler/*", "tokenizer/*"] + [f"{part}/{name}" for part in PARTS
+                                                             for name in ("config.json", WEIGHTS[part])]
 
 
 class StableDiffusion(NetworkDenoiser):

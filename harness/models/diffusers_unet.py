@@ -49,7 +49,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 PIPELINES = {"DDPMPipeline", "DDIMPipeline", "PNDMPipeline", "ConsistencyModelPipeline"}
 MODEL_CLASSES = {"UNet2DModel"}
-FILES = ["model_index.json", "*.json", "unet/*.safetensors", "*.safetensors"]  # either layout, safetensors only
+# either layout (pipeline folder or bare model), safetensors only
+FILES = ["*.json", "diffusion_pytorch_model.safetensors", "unet/*.json", "unet/diffusion_pytorch_model.safetensors",
+         "scheduler/*"]
 
 
 class DiffusersUNet(NetworkDenoiser):
