@@ -94,3 +94,18 @@ def test_refusals_at_planning(dit_folder):
     with pytest.raises(ConfigError, match=r"is a DiTPipeline folder \(its vae makes it a latent model\).*"
                                           r"adapter diffusers_dit takes it$"):
         check_model({**spec(dit_folder), "adapter": "diffusers_unet"})
+
+
+def test_a_folder_that_names_transformer2dmodel_loads_the_same_network(dit_folder, tmp_path):
+    """facebook/DiT-XL-2-256 was saved before DiTTransformer2DModel existed: its config says Transformer2DModel."""
+    import json
+    import shutil
+
+    shutil.copytree(dit_folder, tmp_path / "old", dirs_exist_ok=True)
+    config = tmp_path / "old" / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "Transformer2DModel"}))
+    check_model(spec(tmp_path / "old"))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = torch.tensor([5, 7])
+    old, new = load_denoiser(spec(tmp_path / "old")), load_denoiser(spec(dit_folder))
+    assert torch.equal(old(x, 3.0, cond), new(x, 3.0, cond))
