@@ -84,7 +84,7 @@ def expand_grid(grid: dict, models: dict | None = None, methods: dict | None = N
 
 def _unsupported(sampler, nfe: int, scale: float, model: dict) -> str | None:
     """Why a cell cannot run, or None."""
-    if scale != 1 and not model.get("classes"):
+    if scale != 1 and not model.get("classes") and not model.get("prompts"):  # class- or text-conditional
         return "unconditional model: no guidance"
     try:
         sampler.check_nfe(nfe)

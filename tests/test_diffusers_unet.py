@@ -121,7 +121,7 @@ def test_hub_id_loads_from_the_hugging_face_cache(bare_folder, tmp_path):
 
 
 def test_uncached_hub_id_is_one_line_and_nothing_is_downloaded(tmp_path):
-    expected = r"no scheduler config .* in google/ddpm-cifar10-32.*huggingface-cli download google/ddpm-cifar10-32"
+    expected = r"google/ddpm-cifar10-32 is not in the Hugging Face cache.*hf download google/ddpm-cifar10-32"
     with pytest.raises(StepbenchError, match=expected) as err:
         load_denoiser(spec("google/ddpm-cifar10-32", params={"cache_dir": str(tmp_path)}))  # an empty cache
     assert "\n" not in str(err.value)

@@ -2,7 +2,7 @@
 and finding weights without a download.
 
 Prompts come from the model spec (models.yaml `prompts`): a list of captions, or the path of a text
-file with one caption per line. Sample i was generated from prompt i mod N; `prompts_for_samples` is
+file with one caption per line, or a COCO captions JSON. Sample i was generated from prompt i mod N; `prompts_for_samples` is
 the one place that rule lives, so a text-conditional sampler and these metrics agree on it.
 """
 
@@ -36,16 +36,28 @@ def load_prompts(model_id: str, spec: dict) -> list[str]:
         if not path.is_file():
             raise ConfigError(f"key '{model_id}.prompts': file {path} not found "
                               f"(relative paths are taken from the working directory {Path.cwd()})")
-        # blank lines are layout, not empty captions
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.suffix == ".json":  # COCO captions (captions_val2014.json): annotations[].caption, in file order
+            try:
+                prompts = [a["caption"].strip() for a in json.loads(path.read_text(encoding="utf-8"))["annotations"]]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ConfigError(f"key '{model_id}.prompts': {path} is not a COCO captions file "
+                                  f"({{\"annotations\": [{{\"caption\": ...}}, ...]}})") from None
+        else:  # blank lines are layout, not empty captions
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise ConfigError(f"key '{model_id}.prompts': needs at least one non-empty caption")
     return list(prompts)
 
 
+def prompt_indices(indices, num_prompts: int) -> np.ndarray:
+    """Sample i's caption index, i mod N: it depends only on i (so on (seed, i)), as its noise does; the one place
+    this rule lives, for text-conditional adapters and these metrics."""
+    return np.asarray(list(indices), dtype=np.int64) % num_prompts
+
+
 def prompts_for_samples(prompts: Sequence[str], num_samples: int) -> list[str]:
     """Sample i's caption: prompts[i mod N]."""
-    return [prompts[i % len(prompts)] for i in range(num_samples)]
+    return [prompts[i] for i in prompt_indices(range(num_samples), len(prompts))]
 
 
 def prompts_sha256(prompts: Sequence[str]) -> str:

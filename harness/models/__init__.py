@@ -11,6 +11,8 @@ MODELS.add("gmm2d", "harness.models.analytic:GaussianMixture")
 MODELS.add("digits_ideal", "harness.models.analytic:IdealDenoiser")
 MODELS.add("digits_gaussian", "harness.models.analytic:GaussianData")
 MODELS.add("diffusers_unet", "harness.models.diffusers_unet:DiffusersUNet")
+MODELS.add("diffusers_sd", "harness.models.diffusers_sd:StableDiffusion")
+MODELS.add("diffusers_dit", "harness.models.diffusers_dit:DiffusersDiT")
 
 
 def resolve_device(device: str | None) -> str:

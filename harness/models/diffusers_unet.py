@@ -2,7 +2,7 @@
 
 `source` is a hub id (e.g. google/ddpm-cifar10-32) read from the Hugging Face cache, never downloaded
 at run time (parallel jobs would race, cluster nodes are often offline; fetch it once with
-`huggingface-cli download`), or a local folder written by save_pretrained: a pipeline folder
+`hf download`), or a local folder written by save_pretrained: a pipeline folder
 (model_index.json, unet/, scheduler/) or a bare model folder (config.json and weights, with
 scheduler_config.json beside them).
 
@@ -24,24 +24,34 @@ trainers append it after the classes).
 
     params: {subfolder: unet, dtype: float32 | float16 | bfloat16 | float64, prediction: eps | v | x0,
              null_class: int, network_batch: rows per network call (64; see NetworkDenoiser),
-             cache_dir: the Hugging Face cache to read (default: HF_HUB_CACHE / ~/.cache/huggingface/hub)}
+             cache_dir: the Hugging Face cache to read (default: HF_HUB_CACHE / ~/.cache/huggingface/hub),
+             allow_pickle: load .bin/.pt weights (torch.load with weights_only=True); safetensors only by default}
+
+What is refused, and why, is harness.models.checkpoint's: the checkpoint must be a pixel UNet2DModel (a pipeline
+folder of DDPMPipeline, DDIMPipeline, PNDMPipeline or ConsistencyModelPipeline, or a bare model folder) whose
+weights all load.
 """
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from harness.errors import ConfigError, StepbenchError
+from harness.errors import ConfigError
 from harness.models.base import DenoiserInfo, NetworkDenoiser
+from harness.models.checkpoint import load_module, locate
 from harness.models.consistency import SCHEDULER_CLASS, ConsistencyParametrisation, check_edm_process
 from harness.schedules import VPDiscrete, make_process
 
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+PIPELINES = {"DDPMPipeline", "DDIMPipeline", "PNDMPipeline", "ConsistencyModelPipeline"}
+MODEL_CLASSES = {"UNet2DModel"}
+# either layout (pipeline folder or bare model), safetensors only
+FILES = ["*.json", "diffusion_pytorch_model.safetensors", "unet/*.json", "unet/diffusion_pytorch_model.safetensors",
+         "scheduler/*"]
 
 
 class DiffusersUNet(NetworkDenoiser):
@@ -51,11 +61,13 @@ class DiffusersUNet(NetworkDenoiser):
 
     @classmethod
     def from_config(cls, spec: dict, device: torch.device) -> "DiffusersUNet":
+        from diffusers import UNet2DModel
+
         params = spec.get("params", {})
-        source, process, prediction, consistency = _checkpoint_setup(spec)
+        checkpoint, subfolder, process, prediction, consistency = _checkpoint_setup(spec)
+        source = checkpoint.source
         dtype = _dtype(params.get("dtype", "float32"))
-        subfolder, cache_dir = params.get("subfolder"), params.get("cache_dir")
-        unet = _load_unet(source, [subfolder] if subfolder else ["unet", None], dtype, cache_dir).to(device).eval()
+        unet = load_module(checkpoint, subfolder, UNet2DModel, dtype).to(device)
         size = unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         channels = unet.config.in_channels
@@ -98,22 +110,26 @@ class DiffusersUNet(NetworkDenoiser):
         return cls(net, info, module=unet, chunk=int(params.get("network_batch", 64)))
 
 
-def _checkpoint_setup(spec: dict) -> tuple[str, object, str, ConsistencyParametrisation | None]:
-    """(source, noise process, prediction type, consistency parametrisation or None) of an entry, from its
-    scheduler config alone (a small file): the checkpoint is found and agrees with models.yaml, or a one-line
-    error says why not. A consistency model's Denoiser predicts x0 (its output is f)."""
+def _checkpoint_setup(spec: dict):
+    """(checkpoint, UNet subfolder, noise process, prediction type, consistency parametrisation or None) of an
+    entry, from its config files alone (small files): the checkpoint is found, is a pixel UNet in a format loaded
+    faithfully, and agrees with models.yaml, or a one-line error says why not. A consistency model's Denoiser
+    predicts x0 (its output is f)."""
     params = spec.get("params", {})
-    source = spec.get("source")
-    if not source:
-        raise ConfigError("adapter diffusers_unet needs `source`: a hub id or a local folder")
-    # a hub id is "org/name"; a missing path that is plainly local (absolute, ./, ~, or inside a folder
-    # that exists here) needs no hint about the hub
-    parent = Path(source).parent
-    local = source.startswith(("/", ".", "~")) or (parent != Path(".") and parent.is_dir())
-    if local and not Path(source).expanduser().is_dir():
-        raise ConfigError(f"diffusers_unet: source {source}: no such folder")
+    checkpoint = locate(spec, "diffusers_unet", FILES)
+    source = checkpoint.source
     _dtype(params.get("dtype", "float32"))
-    scheduler_config = _load_scheduler_config(source, ["scheduler", None], params.get("cache_dir"))
+    # a pipeline folder names its parts; a latent pipeline (LDMPipeline's vqvae) is refused, not read as pixels
+    index = checkpoint.check_pipeline(PIPELINES, latent_components={"vqvae", "vae"})
+    if index is not None and "unet" not in index:
+        raise ConfigError(f"diffusers_unet: {source}'s model_index.json has no unet")
+    # some hub pipelines (google/ddpm-cifar10-32) keep their parts flat beside model_index.json
+    nested = index is not None and (checkpoint.root / "unet").is_dir()
+    subfolder = params.get("subfolder", "unet" if nested else None)
+    checkpoint.check_class(subfolder, MODEL_CLASSES)
+    checkpoint.weights(subfolder)
+    scheduler_folder = "scheduler" if nested else subfolder
+    scheduler_config = checkpoint.config(scheduler_folder, "scheduler_config.json")
     process = make_process(spec["process"])
     if scheduler_config.get("_class_name") == SCHEDULER_CLASS:
         consistency = ConsistencyParametrisation.from_scheduler_config(scheduler_config)
@@ -121,52 +137,15 @@ def _checkpoint_setup(spec: dict) -> tuple[str, object, str, ConsistencyParametr
         if params.get("prediction") not in (None, "x0"):
             raise ConfigError(f"{source}: params.prediction is {params['prediction']!r} but a consistency model "
                               f"predicts x0")
-        return source, process, "x0", consistency
+        return checkpoint, subfolder, process, "x0", consistency
     _check_process(source, process, scheduler_config)
-    return source, process, _prediction(source, scheduler_config, params.get("prediction")), None
+    return checkpoint, subfolder, process, _prediction(source, scheduler_config, params.get("prediction")), None
 
 
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"params.dtype {name!r} unknown; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def _first_that_loads(load, source: str, subfolders: list[str | None], what: str):
-    """load(subfolder) from the first subfolder that has it: pipeline folders keep unet/ and
-    scheduler/, bare model folders keep everything at the top."""
-    errors = []
-    for subfolder in subfolders:
-        try:
-            with warnings.catch_warnings():  # huggingface_hub's deprecation notice about an argument diffusers passes
-                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
-                return load(subfolder)
-        except (OSError, ValueError) as err:
-            errors.append(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-    raise StepbenchError(
-        f"diffusers_unet: no {what} in {source} (looked in {', '.join(f'{s}/' if s else 'the top folder' for s in subfolders)}): "
-        f"{errors[-1]} (weights are never downloaded at run time: fetch them once with "
-        f"`huggingface-cli download {source}`, or give `source` as a local folder)"
-    )
-
-
-def _load_unet(source: str, subfolders: list[str | None], dtype: torch.dtype, cache_dir: str | None):
-    from diffusers import UNet2DModel
-
-    return _first_that_loads(
-        lambda subfolder: UNet2DModel.from_pretrained(
-            source, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=False, local_files_only=True,
-            cache_dir=cache_dir),
-        source, subfolders, "UNet2DModel")
-
-
-def _load_scheduler_config(source: str, subfolders: list[str | None], cache_dir: str | None) -> dict:
-    from diffusers import DDPMScheduler
-
-    return dict(_first_that_loads(
-        lambda subfolder: DDPMScheduler.load_config(source, subfolder=subfolder, local_files_only=True,
-                                                    cache_dir=cache_dir),
-        source, subfolders, "scheduler config (it fixes the betas and the prediction type)"))
 
 
 def _checkpoint_betas(config: dict) -> np.ndarray:

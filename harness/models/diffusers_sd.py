@@ -1,0 +1,148 @@
+"""Latent text-to-image checkpoints in Stable Diffusion's layout: models.yaml `adapter: diffusers_sd`.
+
+A StableDiffusionPipeline folder (hub id in the Hugging Face cache, or a local save_pretrained folder):
+unet/ (UNet2DConditionModel), vae/ (AutoencoderKL), text_encoder/ (CLIPTextModel), tokenizer/ (CLIPTokenizer),
+scheduler/. Each is loaded under harness.models.checkpoint's rules (class, every weight, safetensors).
+
+The Denoiser lives in the VAE's latent space (data_shape = the UNet's latent shape, `latent`: samples.npz keeps
+the latents, where mse_ref is measured); `decode` is the VAE's decoder on latents / scaling_factor, batched apart
+from the network (`params.decode_batch`). The noise process is models.yaml's, checked against the scheduler
+config's betas as diffusers_unet does, and the prediction type is the config's (SD 2.x 768: v_prediction).
+
+Conditioning: sample i's caption is prompts[i mod N] (harness.metrics.text_alignment.prompt_indices, the rule
+clip_score reads), from models.yaml `prompts` (a list, a text file with one per line, or a COCO captions JSON);
+samples.npz records each sample's prompt index. `conditions` encodes a batch's distinct captions once (the
+CLIP text encoder's last hidden state, as StableDiffusionPipeline.encode_prompt); the empty caption is the null
+condition of classifier-free guidance, as the pipeline's default negative prompt.
+
+    params: {dtype: float32 | float16 | bfloat16, network_batch: rows per UNet call (16), decode_batch: latents
+             per VAE decode (8), cache_dir, allow_pickle: see harness.models.checkpoint}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from harness.errors import ConfigError
+from harness.models.base import DenoiserInfo, NetworkDenoiser
+from harness.models.checkpoint import load_module, locate
+from harness.models.diffusers_unet import _check_process, _dtype, _prediction
+from harness.schedules import make_process
+
+PIPELINES = {"StableDiffusionPipeline"}
+PARTS = {"unet": {"UNet2DConditionModel"}, "vae": {"AutoencoderKL"}, "text_encoder": {"CLIPTextModel"}}
+WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+           "text_encoder": "model.safetensors"}
+FILES = ["model_index.json", "scheduler/*", "tokenizer/*"] + [f"{part}/{name}" for part in PARTS
+                                                             for name in ("config.json", WEIGHTS[part])]
+
+
+class StableDiffusion(NetworkDenoiser):
+    @classmethod
+    def check_spec(cls, spec: dict) -> None:
+        _setup(spec)
+
+    @classmethod
+    def from_config(cls, spec: dict, device: torch.device) -> "StableDiffusion":
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        params = spec.get("params", {})
+        checkpoint, process, prediction, prompts = _setup(spec)
+        dtype = _dtype(params.get("dtype", "float32"))
+        unet = load_module(checkpoint, "unet", UNet2DConditionModel, dtype).to(device)
+        vae = load_module(checkpoint, "vae", AutoencoderKL, dtype).to(device)
+        text_encoder = load_module(checkpoint, "text_encoder", CLIPTextModel, dtype).to(device)
+        tokenizer = CLIPTokenizer.from_pretrained(str(checkpoint.root), subfolder="tokenizer", local_files_only=True)
+        size = unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        info = DenoiserInfo(
+            data_shape=(unet.config.in_channels, height, width),
+            data_range=(-1.0, 1.0),
+            prediction=prediction,
+            process=process,
+            dtype=dtype,
+            device=device,
+            latent=True,
+            extra={"source": checkpoint.source, "text": True, "num_prompts": len(prompts)},
+        )
+
+        denoiser = cls(None, info, module=unet, chunk=int(params.get("network_batch", 16)))
+        denoiser.net = denoiser.unet_call
+        denoiser.vae, denoiser.text_encoder, denoiser.tokenizer = vae, text_encoder, tokenizer
+        denoiser.prompts, denoiser.decode_batch = prompts, int(params.get("decode_batch", 8))
+        denoiser._null = None
+        return denoiser
+
+    @torch.inference_mode()
+    def unet_call(self, x_t, t, cond=None):
+        """The UNet's prediction; no condition is the unconditional model (the empty caption)."""
+        cond = self.null_condition(x_t) if cond is None else cond
+        return self.module(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+    # ---- text conditioning ----
+
+    @torch.inference_mode()
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        """CLIP text embeddings [len(captions), tokens, width], as StableDiffusionPipeline.encode_prompt."""
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.info.device)
+        return self.text_encoder(ids)[0].to(self.info.dtype)
+
+    def conditions(self, seed, indices):
+        from harness.metrics.text_alignment import prompt_indices
+
+        which = prompt_indices(indices, len(self.prompts))
+        distinct, rows = np.unique(which, return_inverse=True)  # each caption of the batch encoded once
+        embeddings = self.encode([self.prompts[k] for k in distinct])
+        return embeddings[torch.as_tensor(rows, device=embeddings.device)]
+
+    def condition_record(self, seed, num_samples):
+        from harness.metrics.text_alignment import prompt_indices
+
+        return {"prompt_index": prompt_indices(range(num_samples), len(self.prompts))}
+
+    def null_condition(self, cond):
+        if self._null is None:
+            self._null = self.encode([""])
+        return self._null.expand(len(cond), *self._null.shape[1:])
+
+    # ---- latents to images ----
+
+    def decode(self, z0):
+        return vae_decode(self.vae, z0, self.decode_batch, self.info.dtype)
+
+
+@torch.inference_mode()
+def vae_decode(vae, z0: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """Images from latents through an AutoencoderKL, `batch` latents per call (apart from the network's batch:
+    the decoder at full resolution needs more memory per row)."""
+    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+    return torch.cat([vae.decode(z0[start:start + batch].to(dtype) / scale + shift, return_dict=False)[0]
+                      for start in range(0, len(z0), batch)])
+
+
+def _setup(spec: dict):
+    """(checkpoint, process, prediction, prompts) from the config files and the prompt file alone."""
+    from harness.metrics.text_alignment import load_prompts
+
+    params = spec.get("params", {})
+    checkpoint = locate(spec, "diffusers_sd", FILES)
+    _dtype(params.get("dtype", "float32"))
+    index = checkpoint.check_pipeline(PIPELINES)
+    if index is None:
+        raise ConfigError(f"diffusers_sd: {checkpoint.source} has no model_index.json; it needs a "
+                          f"StableDiffusionPipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    for part, classes in PARTS.items():
+        checkpoint.check_class(part, classes)
+        checkpoint.weights(part)
+    checkpoint.folder("tokenizer")
+    if spec.get("classes"):
+        raise ConfigError(f"diffusers_sd: {checkpoint.source} is text-conditional; its entry takes `prompts`, "
+                          f"not `classes`")
+    prompts = load_prompts(checkpoint.source, spec)
+    scheduler_config = checkpoint.config("scheduler", "scheduler_config.json")
+    process = make_process(spec["process"])
+    _check_process(checkpoint.source, process, scheduler_config)
+    return checkpoint, process, _prediction(checkpoint.source, scheduler_config, params.get("prediction")), prompts

@@ -1,0 +1,46 @@
+"""fp16 sampling of the tiny latent models on CUDA agrees with float32 on the CPU within fp16 tolerance
+(`gpu` marker: run with `pytest -m gpu` where CUDA is present; skipped elsewhere)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from test_diffusers_dit import dit_folder  # noqa: E402,F401  (fixture)
+from test_diffusers_dit import spec as dit_spec  # noqa: E402
+from test_diffusers_sd import sd_folder  # noqa: E402,F401  (fixture)
+from test_diffusers_sd import spec as sd_spec  # noqa: E402
+
+from harness.guidance import guided  # noqa: E402
+from harness.methods.solvers import dpmpp_2m  # noqa: E402
+from harness.models import load_denoiser  # noqa: E402
+from harness.schedules import sigma_grid  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")]
+FP16_RTOL = 2e-2  # ~10 steps of half-precision rounding through a random network
+
+
+def guided_samples(entry, device, dtype, cond_of):
+    denoiser = load_denoiser({**entry, "params": {**entry.get("params", {}), "dtype": dtype}}, device)
+    model = guided(denoiser, 3.0)
+    sigmas = list(sigma_grid(denoiser.process, 8, {"kind": "edm_rho", "rho": 7.0}))
+    noise = torch.randn(4, *denoiser.info.data_shape, generator=torch.Generator().manual_seed(0))
+    x = (noise * denoiser.process.prior_std(sigmas[0])).to(device, denoiser.info.dtype)
+    cond = cond_of(denoiser)
+    with torch.inference_mode():
+        z0 = dpmpp_2m(lambda x, s: model(x, s, cond), x, sigmas)
+        return denoiser.decode(z0).float().cpu()
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+def test_fp16_on_cuda_agrees_with_fp32_on_cpu(kind, request):
+    if kind == "sd":
+        entry, cond_of = sd_spec(request.getfixturevalue("sd_folder")), lambda d: d.conditions(0, range(4))
+    else:
+        entry = dit_spec(request.getfixturevalue("dit_folder"))
+        cond_of = lambda d: torch.tensor([1, 2, 3, 4], device=d.info.device)  # noqa: E731
+    reference = guided_samples(entry, "cpu", "float32", cond_of)
+    half = guided_samples(entry, "cuda", "float16", cond_of)
+    assert torch.isfinite(half).all()
+    assert float((half - reference).norm() / reference.norm()) <= FP16_RTOL
