@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+
+from harness.config import load_models
 
 JOB = [str(Path(sys.executable).parent / "stepbench-job")]
 PROBE = '''
@@ -100,9 +103,11 @@ def test_jobs_share_a_warm_worker_and_give_what_a_fresh_process_gives(workspace)
 def test_bad_input_is_one_line_and_the_exit_status_of_the_command(workspace):
     run = _job(workspace, "sample", "--model", "gmm2dd", "--method", "euler", "--nfe", "4", "--out", "x")
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [
-        "stepbench: error: models.yaml: no model 'gmm2dd' (did you mean 'gmm2d'?); valid: gmm2d, digits-ideal, "
-        "ddpm-cifar10"]
+    [line] = run.stderr.strip().splitlines()
+    prefix = "stepbench: error: models.yaml: no model 'gmm2dd' (did you mean 'gmm2d'?); "
+    assert line.startswith(prefix), line
+    listed = re.sub(r" \(\d+ in all.*\)$", "", line[len(prefix):].split("valid: ", 1)[1]).split(", ")
+    assert "gmm2d" in listed and set(listed) <= set(load_models(REPO / "models.yaml")), line
     assert _job(workspace, "nosuchcommand").returncode != 0
 
 
