@@ -88,6 +88,7 @@ def _unsupported(sampler, nfe: int, scale: float, model: dict) -> str | None:
         return "unconditional model: no guidance"
     try:
         sampler.check_nfe(nfe)
+        sampler.check_model(nfe, model)
     except UnsupportedNFE as err:
         return err.reason
     return None

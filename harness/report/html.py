@@ -60,7 +60,7 @@ def render_page(collected: Collected, layouts: list[ModelLayout], plots: dict[tu
         body.append(f"<nav><p>Models: {links}</p></nav>")
     else:
         body.append(f"<p>No cells found under <code>{escape(results_dir)}</code>.</p>")
-    findings = all_findings(results, models, methods)
+    findings = all_findings(results, models, methods, collected.prepared)
     body.extend(_finding(f) for f in findings if f.model is None)
     for layout in layouts:
         body.append(_model_section(layout.select(results), layout, plots, models, methods,
