@@ -201,6 +201,12 @@ def test_the_crm_rule_segments_a_tough_block(files):
     assert [s.num_gs for s in strategies] == [4, 4] and [s.max_iter for s in strategies] == [3, 3]
     summary = sampler.prepared_summary(sampler.prepared, 30, models["tiny-flow"])
     assert summary["notation"] == "[0/1-4-3--]" and summary["worst_case_passes"] == 2 * 4 * 3 + K
+    # a module of T / 4 = 4 tokens is exact after 4 iterations: a larger cap is cut to it
+    method["params"]["tough_max_iter"] = 32
+    sampler = make_sampler(method)
+    prepared.prepare(sampler, root / "cache", "tiny-flow", models["tiny-flow"], "gs", method, 34)
+    prepared.load(sampler, root / "cache", "tiny-flow", models["tiny-flow"], "gs", method, 34)
+    assert [s.max_iter for s in sampler.strategies((K, T, K), 34)] == [4, 4]
 
 
 def test_a_workflow_trained_tarflow_loads_and_trains_once(tmp_path):
@@ -239,6 +245,7 @@ def test_findings_show_the_inversions_beside_the_sequential_one():
     assert [r[0] for r in table] == ["tarflow_sequential", "tarflow_gs_jacobi", "tarflow_jacobi"]
     assert table[1][5] == "4" and table[1][6] == "1e-05"  # speed-up 0.02 / 0.005; RMS sqrt(1e-10)
     assert "tarflow_gs_jacobi at NFE 132" in found[0].verdict and "tarflow_jacobi" not in found[0].verdict  # 2e-4
+    assert "4x the sequential speed: faster" in found[0].verdict
     summary = {"notation": "[J-32]", "worst_case_passes": 132, "tough_blocks": [], "guess": ["z", "z"], "images": 1000,
                "crm_share": [0.4, 0.6], "crm": [1.0, 1.5], "igm_z": [0.1, 0.2], "igm_zeros": [1.0, 2.0]}
     strategies = jacobi_strategies({("m", "tarflow_gs_jacobi"): {132: summary}}, methods)

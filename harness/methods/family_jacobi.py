@@ -18,8 +18,8 @@ one pass per block (the model's `denoise_passes`, 0 without the step). `network_
   to [-clamp, clamp] as the reference does (3; null: no clamp).
 - `gs_jacobi`: per-block strategies from CRM and IGM (harness.methods.jacobi_strategy) on the first
   `calibration_images` (1000) training images, a prepared artifact per (model, method): blocks whose CRM share is
-  >= tough_factor / K are split into `gs_modules` modules of at most `tough_max_iter` iterations (gs_modules 0:
-  sequential), each block starts from the guess with the smaller IGM; every other block gets
+  >= tough_factor / K are split into `gs_modules` modules of at most `tough_max_iter` iterations, and never more
+  than a module's tokens, after which it is exact (gs_modules 0: sequential), each block starts from the guess with the smaller IGM; every other block gets
   floor((nfe - denoise_passes - the tough blocks' passes) / its count) iterations at most, so the budget is the
   worst case and what ran is measured. The artifact records the strategy in the paper's [Stack-GS-J-Else]
   notation and each block's CRM and IGM (the report's finding shows them).
@@ -157,8 +157,12 @@ class JacobiSampler(Sampler):
         y = torch.as_tensor(labels[:n]) if flow.config.num_classes else None
         metrics = block_metrics(flow, x, y, norm=self.params["norm"])
         p = self.params
+        # a module of m tokens is exact after m iterations (Jacobi's k-th iterate fixes its first k tokens): more
+        # would only spend budget
+        module_tokens = flow.num_tokens // p["gs_modules"] if p["gs_modules"] else 1
         strategy = choose_strategy(metrics, flow.num_tokens, gs_modules=p["gs_modules"],
-                                   tough_max_iter=p["tough_max_iter"], else_max_iter=1, tough_factor=p["tough_factor"])
+                                   tough_max_iter=min(p["tough_max_iter"], module_tokens), else_max_iter=1,
+                                   tough_factor=p["tough_factor"])
         return {"metrics": metrics, "strategy": strategy, "images": n, "dataset": dataset}
 
     def prepare_code(self) -> str:
