@@ -3,6 +3,7 @@
 #   snakemake --cores all                              # default embedded grid (profiles/default)
 #   snakemake --cores all --configfile my-grid.yaml    # another grid (keys: harness/schemas/grid.schema.yaml)
 
+import json
 import os
 import sys
 
@@ -80,7 +81,6 @@ onerror:
 # Bookkeeping that costs nothing stays on the submitting node under a cluster executor.
 localrules:
     all,
-    grid_config,
 
 
 include: "rules/zoo.smk"

@@ -188,12 +188,19 @@ def flops(model_id, batch_size, models_file, cache_dir, device):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Report directory.")
 @click.option("--grid", "grid_file", type=click.Path(path_type=Path), default=None,
               help="Grid config; cells it names that have no result show as n/a (reason).")
+@click.option("--grid-json", default=None, help="The grid itself as JSON (the workflow's way); kept as OUT/grid.json.")
 @models_file_opt
 @methods_file_opt
-def report(results_dir, out, grid_file, models_file, methods_file):
+def report(results_dir, out, grid_file, grid_json, models_file, methods_file):
     """Render RESULTS_DIR's cells into OUT/index.html and OUT/results.csv."""
+    from harness.files import write_text
     from harness.report import render_report
 
+    if grid_json is not None:
+        if grid_file is not None:
+            raise click.UsageError("give --grid or --grid-json, not both")
+        grid_file = out / "grid.json"
+        write_text(grid_file, grid_json)
     render_report(results_dir, out, grid_file, models_file, methods_file)
     click.echo(f"report -> {out / 'index.html'}")
 

@@ -16,7 +16,7 @@ from harness.integrity import verified_cell
 from harness.metrics import METRICS
 from harness.metrics.base import EvalContext
 
-RESERVED_KEYS = ("ci", "provenance", "status", "cell")  # metrics.json keys that are not metric names
+RESERVED_KEYS = ("ci", "provenance", "status", "cell", "replicates")  # metrics.json keys that are not metric names
 
 
 def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names: list[str], cache_dir: Path,
@@ -26,7 +26,7 @@ def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names:
     samples, latents, labels = read_samples(cell_dir / "samples.npz")
     metric_classes = [METRICS.get(name) for name in metric_names]  # unknown names fail before any work
 
-    out: dict = {"status": cell["status"], "ci": {}, "provenance": {},
+    out: dict = {"status": cell["status"], "ci": {}, "provenance": {}, "replicates": {},
                  # the cell these numbers describe: the report shows them only while it is unchanged
                  "cell": {"config_hash": cell["provenance"]["config_hash"], "samples_sha256": cell["samples_sha256"]}}
     ctx = EvalContext(cell_dir, cell, samples, model_spec, methods, Path(cache_dir), device, latents=latents,
@@ -41,6 +41,10 @@ def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names:
         if result.ci_low is not None:
             out["ci"][name] = [result.ci_low, result.ci_high]
         out["provenance"][name] = result.provenance
+        if result.replicates is not None:  # the report's paired bootstrap between methods of this model
+            out["replicates"][name] = {"seed": result.bootstrap_seed, "num_samples": len(samples),
+                                       "values": [float(v) if math.isfinite(v) else None
+                                                  for v in result.replicates]}
     write_json(cell_dir / "metrics.json", out)
     return out
 

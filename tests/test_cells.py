@@ -214,7 +214,7 @@ def test_cli_misspelt_solver_param_is_one_line(repo_files, entry, expected):
 
 
 @pytest.mark.parametrize("edited, counts", [("methods/unipc.py", True), ("methods/solvers.py", True),
-                                            ("schedules.py", True), ("report/html.py", False)])
+                                            ("schedules.py", True), ("report/site.py", False)])
 def test_preparation_code_hash_covers_what_a_preparation_runs(tmp_path, monkeypatch, edited, counts):
     """dc_solver's fit runs UniPC's steps, the searches run solvers by name and the schedules: an edit there
     gives new artifacts; an edit to the report does not. The key comes from the files, whatever is loaded."""

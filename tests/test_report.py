@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
-from PIL import Image
 
 from harness.cells import cell_config_hash
 from harness.cli import cli
@@ -32,7 +31,7 @@ REQUIRED_COLUMNS = ["model", "method", "family", "nfe", "nfe_measured", "network
 
 def write_cell(results: Path, model: str, method: str, nfe: int, metrics: dict | None, *, status: str = "ok",
                nfe_measured: float | None = None, ci: dict | None = None, where: str | None = None,
-               seed: int = 0) -> Path:
+               seed: int = 0, replicates: dict | None = None) -> Path:
     """A cell as `stepbench sample` + `evaluate` write it (samples hashed, metrics naming the cell, the config hash
     of today's entries where the method exists, for 100 samples as the fixture's grid asks); metrics=None leaves it
     unevaluated."""
@@ -50,7 +49,9 @@ def write_cell(results: Path, model: str, method: str, nfe: int, metrics: dict |
     (cell_dir / "cell.json").write_text(json.dumps(cell))
     if metrics is not None:
         record = {"status": status, "ci": ci or {}, "provenance": {name: {"test": name} for name in metrics},
-                  "cell": {"config_hash": config, "samples_sha256": cell["samples_sha256"]}, **metrics}
+                  "cell": {"config_hash": config, "samples_sha256": cell["samples_sha256"]},
+                  "replicates": {name: {"seed": 1, "num_samples": 100, "values": list(map(float, values))}
+                                 for name, values in (replicates or {}).items()}, **metrics}
         (cell_dir / "metrics.json").write_text(json.dumps(record))
     return cell_dir
 
@@ -69,9 +70,9 @@ def workspace(tmp_path):
     results = tmp_path / "results"
     write_cell(results, "gmm2d", "euler", 4, {"exact_err": 0.5, "wall_s_per_sample": 2e-4})
     write_cell(results, "gmm2d", "euler", 5, {"exact_err": 0.3, "wall_s_per_sample": 3e-4, "score": 0.9},
-               ci={"exact_err": [0.28, 0.32]})
+               ci={"exact_err": [0.28, 0.32], "score": [0.85, 0.95]})
     write_cell(results, "gmm2d", "heun", 5, {"exact_err": 0.1, "wall_s_per_sample": 4e-4, "score": 0.5},
-               nfe_measured=6)
+               nfe_measured=6, ci={"exact_err": [0.08, 0.12], "score": [0.45, 0.55]})
     # Diverged cells keep their cost: the fastest wall time here must not win.
     write_cell(results, "gmm2d", "dpmpp_2m", 5, {"exact_err": None, "wall_s_per_sample": 1e-6}, status="diverged",
                where="cells/misfiled/somewhere")
@@ -126,9 +127,10 @@ class BoardParser(HTMLParser):
             self.footers[self._table] += data
 
 
-def parse_page(out: Path) -> BoardParser:
+def parse_page(out: Path, model: str = "gmm2d") -> BoardParser:
+    """The model's page, where its tables and plots are."""
     parser = BoardParser()
-    parser.feed((out / "index.html").read_text())
+    parser.feed((out / "models" / f"{model}.html").read_text())
     return parser
 
 
@@ -171,9 +173,11 @@ def test_page_tables_show_status_and_highlight_best(workspace):
     assert exact["heun", 4][1].startswith("n/a (") and exact["heun", 4][1] == "n/a (NFE = 2*steps-1; nearest 3, 5)"
     assert exact["dpmpp_2m", 4] == ({"missing"}, "missing")
     assert exact["dpmpp_2m", 5] == ({"diverged"}, "diverged")
-    assert exact["euler", 5][1] == "0.3 ± 0.02"
-    assert best_cells(exact) == {("euler", 4), ("heun", 5)}
-    assert best_cells(page.tables["gmm2d", "wall_s_per_sample"]) == {("euler", 4), ("euler", 5)}
+    assert exact["euler", 5][1] == "0.3[0.28, 0.32]"  # every interval as [lo, hi] (under the value)
+    # bold only where the intervals support it: heun@5's does not overlap euler@5's; NFE 4 has one value only
+    assert best_cells(exact) == {("heun", 5)}
+    # no intervals, nothing the data support: wall times are not highlighted
+    assert best_cells(page.tables["gmm2d", "wall_s_per_sample"]) == set()
     assert page.tables["gmm2d", "wall_s_per_sample"]["dpmpp_2m", 5][1] == "1e-06 (diverged)"
     mse_ref = {key: text for key, (_, text) in page.tables["gmm2d", "mse_ref"].items()}
     assert mse_ref.pop(("heun", 4)).startswith("n/a (") and mse_ref.pop(("dpmpp_2m", 5)) == "diverged"
@@ -186,7 +190,7 @@ def test_page_tables_show_status_and_highlight_best(workspace):
 def test_best_respects_the_metric_direction(workspace, monkeypatch):
     page = parse_page(render(workspace, out=workspace["out"] / "unregistered"))
     assert best_cells(page.tables["gmm2d", "score"]) == {("heun", 5)}  # unknown metric: lower is better
-    assert "assumed" in (workspace["out"] / "unregistered" / "index.html").read_text()
+    assert "assumed" in (workspace["out"] / "unregistered" / "models" / "gmm2d.html").read_text()
 
     class Score(Metric):
         name = "score"
@@ -200,30 +204,43 @@ def test_best_respects_the_metric_direction(workspace, monkeypatch):
     assert best_cells(page.tables["gmm2d", "score"]) == {("euler", 5)}
 
 
-def test_plots_are_pngs_linked_from_the_page(workspace):
+def test_plots_are_svgs_with_their_data_linked_from_the_page(workspace):
+    import xml.etree.ElementTree as ET
+
     out = render(workspace)
     page = parse_page(out)
     plots = sorted(p.name for p in (out / "plots").iterdir())
-    # mse_ref and peak_mem_mb have no value to plot.
-    assert plots == ["gmm2d__exact_err.png", "gmm2d__score.png", "gmm2d__wall_s_per_sample.png"]
-    assert sorted(page.images) == [f"plots/{name}" for name in plots]
+    # mse_ref and peak_mem_mb have no value to plot; exact_err is a quality metric: also against wall time (no
+    # cell measured GFLOPs here); score and wall time against NFE only
+    assert plots == ["gmm2d__exact_err__nfe.svg", "gmm2d__exact_err__wall.svg", "gmm2d__score__nfe.svg",
+                     "gmm2d__wall_s_per_sample__nfe.svg"]
+    assert sorted(page.images) == [f"../plots/{name}" for name in plots]
     for name in plots:
-        with Image.open(out / "plots" / name) as image:
-            assert image.format == "PNG" and image.size[0] > 100
-            image.verify()
+        root = ET.parse(out / "plots" / name).getroot()
+        assert root.tag.endswith("svg") and float(root.get("width").removesuffix("pt")) > 300
+        data = pd.read_csv(out / "data" / name.replace(".svg", ".csv"))
+        assert {"method", "family", "nfe", "on_front"} <= set(data.columns)
+    front = pd.read_csv(out / "data" / "gmm2d__exact_err__nfe.csv")
+    # euler@4 (0.5) is the cheapest point, heun@5 (0.1) the best: both on the front, euler@5 (0.3) behind heun@5
+    assert set(front[front["on_front"]].apply(lambda r: (r["method"], r["nfe"]), axis=1)) == {("euler", 4), ("heun", 5)}
 
 
 def test_output_is_deterministic_apart_from_the_timestamp(workspace, tmp_path):
     first, second = render(workspace, out=tmp_path / "a"), render(workspace, out=tmp_path / "b")
-    for name in ["results.csv", *(f"plots/{p.name}" for p in (first / "plots").iterdir())]:
+    for name in ["results.csv", "results.json", *(f"plots/{p.name}" for p in (first / "plots").iterdir()),
+                 *(f"data/{p.name}" for p in (first / "data").iterdir())]:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
-    def without_time(out: Path) -> str:
-        text = (out / "index.html").read_text()
+    def without_time(out: Path, page: str) -> str:
+        text = (out / page).read_text()
         assert len(re.findall(r"<time [^>]*>.*?</time>", text)) == 1
         return re.sub(r"<time [^>]*>.*?</time>", "", text)
 
-    assert without_time(first) == without_time(second)
+    pages = ["index.html", *(f"models/{p.name}" for p in (first / "models").iterdir()),
+             *(f"cells/{p.name}" for p in (first / "cells").iterdir())]
+    assert "models/gmm2d.html" in pages and len(pages) > 3
+    for page in pages:
+        assert without_time(first, page) == without_time(second, page), page
 
 
 def test_cli_report_without_grid_lists_only_found_cells(workspace):
@@ -243,8 +260,9 @@ def test_unevaluated_cell_and_html_escaping(workspace):
     write_cell(workspace["results"], "gmm2d", "<b>odd</b>", 5, {"exact_err": 0.2})
     write_cell(workspace["results"], "gmm2d", "euler", 9, None)
     out = render(workspace, grid=False)
-    html = (out / "index.html").read_text()
+    html = (out / "models" / "gmm2d.html").read_text()
     assert "<b>odd</b>" not in html and "&lt;b&gt;odd&lt;/b&gt;" in html
+    assert "<b>odd</b>" not in (out / "index.html").read_text()
     results = pd.read_csv(out / "results.csv")
     unevaluated = results[(results["method"] == "euler") & (results["nfe"] == 9)]
     assert list(unevaluated["status"]) == ["missing"] and unevaluated["metric"].isna().all()
@@ -296,3 +314,22 @@ def test_report_with_a_grid_leaves_out_cells_of_other_grids(workspace):
     euler4 = rows[(rows["method"] == "euler") & (rows["nfe"] == 4) & (rows["metric"] == "exact_err")]
     assert list(euler4["value"]) == [0.5] and list(euler4["n_seeds"]) == [1]
     assert 9 in set(pd.read_csv(render(workspace, grid=False) / "results.csv")["nfe"])  # without a grid: all
+
+
+def test_paired_significance_marks_a_method_against_its_baseline(workspace):
+    """ts_ddim's baseline is euler: replicates over the same resamples, ts_ddim lower by 0.1 in each, mark it
+    better at NFE 5 though the two intervals overlap; the mark's tooltip gives the paired interval."""
+    spread = np.linspace(-0.2, 0.2, 50)
+    shutil.rmtree(workspace["results"] / "cells" / "gmm2d" / "euler" / "nfe5")
+    write_cell(workspace["results"], "gmm2d", "euler", 5, {"exact_err": 0.3}, ci={"exact_err": [0.1, 0.5]},
+               replicates={"exact_err": 0.3 + spread})
+    write_cell(workspace["results"], "gmm2d", "ts_ddim", 5, {"exact_err": 0.2}, ci={"exact_err": [0.0, 0.4]},
+               replicates={"exact_err": 0.2 + spread + np.linspace(-0.01, 0.01, 50)})
+    out = render(workspace, grid=False)
+    exact = parse_page(out).tables["gmm2d", "exact_err"]
+    classes, text = exact["ts_ddim", 5]
+    assert "sig-better" in classes and "▲" in text
+    assert "sig-better" not in exact["euler", 5][0] and "▲" not in exact["euler", 5][1]
+    page = (out / "models" / "gmm2d.html").read_text()
+    assert "better than its baseline euler (paired bootstrap over samples: difference -0.1 [" in page
+    assert "NFE 5: 0.2 vs 0.3 — better (difference -0.1 [" in (out / "index.html").read_text()

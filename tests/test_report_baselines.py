@@ -3,8 +3,10 @@
 import pandas as pd
 
 from harness.report.baselines import compare_to_baselines
-from harness.report.html import _baseline_section
+from harness.report.collect import Collected, _as_table
 from harness.report.layout import ModelLayout
+from harness.report.significance import Significance
+from harness.report.site import baseline_rows, environment
 
 METHODS = {
     "base": {"family": "solver", "solver": "euler"},
@@ -44,6 +46,9 @@ def test_within_one_percent_counts_as_matching_and_diverged_cells_do_not_count()
 
 def test_section_renders_the_plain_verdict():
     rows = _rows([("base", 5, "exact_err", 1.0, "ok"), ("bad", 5, "exact_err", 2.0, "ok")])
-    html = _baseline_section(rows, ModelLayout("m", ["base", "bad"], [5], ["exact_err"]), METHODS)
-    assert "Versus baselines" in html and "does not beat base here (NFE 5)" in html
-    assert "NFE 5: 2 vs 1" in html
+    empty = _as_table([])
+    section = baseline_rows(rows, ModelLayout("m", ["base", "bad"], [5], ["exact_err"]), METHODS,
+                            Significance(Collected(empty, empty), METHODS))
+    html = str(environment().get_template("macros.html").module.baselines(section))
+    assert "does not beat base here (NFE 5)" in html
+    assert "NFE 5: 2 vs 1 — not paired (no replicates)" in html

@@ -47,7 +47,7 @@ def test_tiny_grid_end_to_end_and_second_run_has_nothing_to_do(tmp_path):
     by_cell = {(r["method"], r["nfe"], r["metric"]): r for r in rows}
     assert float(by_cell[("euler", "4", "exact_err")]["value"]) > float(by_cell[("euler", "21", "exact_err")]["value"])
     assert by_cell[("heun", "4", "")]["status"] == "unsupported"  # heun needs odd NFE
-    assert "n/a (" in (tmp_path / "reports" / "index.html").read_text()
+    assert "n/a (" in (tmp_path / "reports" / "models" / "gmm2d.html").read_text()
     for r in rows:
         if r["status"] == "ok":
             assert float(r["nfe_measured"]) == float(r["nfe"])
@@ -150,7 +150,7 @@ def test_editing_a_method_entry_reruns_its_cells(tmp_path):
                        methods_file=str(moved))
     relocated = _run(tmp_path, "--configfile", str(moved_grid), "--dry-run")
     planned = re.findall(r"^rule (\w+):", relocated.stdout, re.M)
-    assert relocated.returncode == 0 and set(planned) == {"grid_config", "report", "all"}, relocated.stdout[-2000:]
+    assert relocated.returncode == 0 and set(planned) == {"report", "all"}, relocated.stdout[-2000:]
     methods["ddim_eta05"]["params"]["eta"] = 0.9
     methods_file.write_text(yaml.safe_dump(methods))
     edited = _run(tmp_path, "--configfile", str(grid), "--dry-run")

@@ -16,6 +16,9 @@ class MetricValue:
     ci_low: float | None = None
     ci_high: float | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    # the bootstrap's replicates over resample_indices(num_samples, spec): paired across the methods of a model
+    replicates: np.ndarray | None = None
+    bootstrap_seed: int | None = None
 
 
 @dataclass

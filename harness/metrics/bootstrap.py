@@ -62,10 +62,17 @@ def bootstrap_interval(statistic: Callable[[torch.Tensor], float], num: int, spe
                        estimate: float) -> tuple[float, float] | None:
     """Interval of statistic(indices) over the resamples, bias-corrected towards `estimate` (the value
     reported for all samples); None when turned off or no resample gives a finite value."""
+    replicates = bootstrap_replicates(statistic, num, spec)
+    return None if replicates is None else bootstrap_interval_of(replicates, spec, estimate)
+
+
+def bootstrap_replicates(statistic: Callable[[torch.Tensor], float], num: int, spec: BootstrapSpec) -> np.ndarray | None:
+    """statistic(indices) for every resample (None when turned off). The indices depend on (num, seed) alone, so
+    two cells of a model with paired noise get the same resamples: replicate r of one method minus replicate r of
+    another is a paired bootstrap replicate of their difference (the report's paired significance)."""
     if spec.resamples == 0:
         return None
-    return bootstrap_interval_of(np.array([statistic(indices) for indices in resample_indices(num, spec)]), spec,
-                                 estimate)
+    return np.array([statistic(indices) for indices in resample_indices(num, spec)], dtype=np.float64)
 
 
 def bootstrap_interval_of(values: np.ndarray, spec: BootstrapSpec, estimate: float) -> tuple[float, float] | None:

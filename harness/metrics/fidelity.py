@@ -31,7 +31,8 @@ from harness.cellstore import row_chunks
 from harness.files import save_npz
 from harness.metrics import cleanfid_backend
 from harness.metrics.base import EvalContext, Metric, MetricValue
-from harness.metrics.bootstrap import BootstrapSpec, bootstrap_interval, bootstrap_interval_of, resample_indices
+from harness.metrics.bootstrap import (BootstrapSpec, bootstrap_interval, bootstrap_interval_of, bootstrap_replicates,
+                                      resample_indices)
 from harness.metrics.features import (UInt8ImageDataset, data_to_uint8_rgb, file_sha256, get_extractor,
                                       planned_weights_path, resolve_weights)
 from harness.metrics.frechet import covariance_factor, frechet_distance, sample_factor, trace_sqrt_product
@@ -269,7 +270,13 @@ def kernel_distance(features_1: torch.Tensor, features_2: torch.Tensor,
 
 
 def kid_bootstrap(kernels: PolyKernels | None, estimate: float, spec: BootstrapSpec) -> tuple[float, float] | None:
-    """Interval of KID over resampled samples, from the cell's kernel matrices (None without them: too many
+    """Interval of KID over resampled samples (see kid_replicates)."""
+    replicates = kid_replicates(kernels, spec)
+    return None if replicates is None else bootstrap_interval_of(replicates, spec, estimate)
+
+
+def kid_replicates(kernels: PolyKernels | None, spec: BootstrapSpec) -> np.ndarray | None:
+    """KID of each resample of the samples, from the cell's kernel matrices (None without them: too many
     features for whole kernels, or the bootstrap turned off).
 
     Re-running the 100-subset estimator per resample would cost minutes; every resample here is the unbiased
@@ -287,7 +294,7 @@ def kid_bootstrap(kernels: PolyKernels | None, estimate: float, spec: BootstrapS
     within = ((counts @ kernels.xx) * counts).sum(1) - (counts**2) @ kernels.xx.diagonal()
     across = counts @ kernels.xy.sum(1)
     mmd2 = within / (n1 * n1 - same) + term_yy - 2.0 * across / (n1 * n2)
-    return bootstrap_interval_of(mmd2.numpy(), spec, estimate)
+    return mmd2.numpy()
 
 
 def inception_score(logits: torch.Tensor) -> tuple[float, float]:
@@ -491,9 +498,16 @@ def _reference_features(reference: ReferenceStatistics, layer: str, metric: str)
     return reference.features[layer]
 
 
-def _value(value: float, interval, provenance: dict) -> MetricValue:
+def _value(value: float, interval, provenance: dict, replicates: np.ndarray | None = None,
+           spec: BootstrapSpec | None = None) -> MetricValue:
     low, high = interval if interval is not None else (None, None)
-    return MetricValue(value, low, high, provenance)
+    return MetricValue(value, low, high, provenance, replicates, spec.seed if spec is not None else None)
+
+
+def _bootstrap(statistic, num: int, spec: BootstrapSpec, estimate: float):
+    """(interval, replicates) of statistic over the spec's resamples; (None, None) when turned off."""
+    replicates = bootstrap_replicates(statistic, num, spec)
+    return (None, None) if replicates is None else (bootstrap_interval_of(replicates, spec, estimate), replicates)
 
 
 class FID(Metric):
@@ -506,12 +520,13 @@ class FID(Metric):
         setup = setup_of(ctx)
         samples = features[setup.layer("fid")]
         value = fid_from_features(samples, reference, ctx.device)
-        interval = bootstrap_interval(lambda i: fid_from_features(samples[i], reference, ctx.device),
-                                      len(samples), setup.bootstrap, value)
+        interval, replicates = _bootstrap(lambda i: fid_from_features(samples[i], reference, ctx.device),
+                                          len(samples), setup.bootstrap, value)
         if interval is not None:  # a distance: the corrected lower end cannot go below 0
             interval = (max(interval[0], 0.0), interval[1])
         return _value(value, interval, {**provenance, "feature_layer": setup.layer("fid"), "reference": ref_provenance,
-                                        "trace_sqrt": TRACE_SQRT, "bootstrap": setup.bootstrap.provenance()})
+                                        "trace_sqrt": TRACE_SQRT, "bootstrap": setup.bootstrap.provenance()},
+                      replicates, setup.bootstrap)
 
 
 class KID(Metric):
@@ -526,12 +541,14 @@ class KID(Metric):
         samples, ref = features[layer], _reference_features(reference, layer, "kid")
         kernels = PolyKernels.of(samples, ref) if full_kernels_fit(len(samples), len(ref)) else None
         mean, std = kernel_distance(samples, ref, kernels)
-        interval = kid_bootstrap(kernels, mean, setup.bootstrap)
+        replicates = kid_replicates(kernels, setup.bootstrap)
+        interval = None if replicates is None else bootstrap_interval_of(replicates, setup.bootstrap, mean)
         return _value(mean, interval, {
             **provenance, "feature_layer": layer, "reference": ref_provenance, "std": std, "subsets": KID_SUBSETS,
             "subset_size": kid_subset_size(len(samples), len(ref)), "rng_seed": RNG_SEED,
             "estimator": "torch-fidelity's kid_features_to_metric (same subsets), summed in float64",
-            "bootstrap": {**setup.bootstrap.provenance(), "statistic": "unbiased MMD^2 of each whole resample"}})
+            "bootstrap": {**setup.bootstrap.provenance(), "statistic": "unbiased MMD^2 of each whole resample"}},
+            replicates, setup.bootstrap)
 
 
 class InceptionScore(Metric):
@@ -546,9 +563,10 @@ class InceptionScore(Metric):
         features, provenance = sample_features(ctx)
         logits = features[layer]
         mean, std = inception_score(logits)
-        interval = bootstrap_interval(lambda i: inception_score(logits[i])[0], len(logits), setup.bootstrap, mean)
+        interval, replicates = _bootstrap(lambda i: inception_score(logits[i])[0], len(logits), setup.bootstrap, mean)
         return _value(mean, interval, {**provenance, "feature_layer": layer, "std": std, "splits": ISC_SPLITS,
-                                       "rng_seed": RNG_SEED, "bootstrap": setup.bootstrap.provenance()})
+                                       "rng_seed": RNG_SEED, "bootstrap": setup.bootstrap.provenance()},
+                      replicates, setup.bootstrap)
 
 
 def _precision_recall(ctx: EvalContext) -> dict:
@@ -604,6 +622,7 @@ class ClassAccuracy(Metric):
         features, provenance = sample_features(ctx)
         correct = (features[layer].argmax(1).numpy() == np.asarray(ctx.labels)).astype(np.float64)
         value = float(correct.mean())
-        interval = bootstrap_interval(lambda i: float(correct[i.numpy()].mean()), len(correct), setup.bootstrap, value)
+        interval, replicates = _bootstrap(lambda i: float(correct[i.numpy()].mean()), len(correct), setup.bootstrap,
+                                          value)
         return _value(value, interval, {**provenance, "feature_layer": layer, "classifier": f"{setup.extractor} argmax",
-                                        "bootstrap": setup.bootstrap.provenance()})
+                                        "bootstrap": setup.bootstrap.provenance()}, replicates, setup.bootstrap)

@@ -8,6 +8,7 @@ from harness import references
 from harness.cellstore import row_chunks
 from harness.errors import StepbenchError
 from harness.metrics.base import EvalContext, Metric, MetricValue
+from harness.metrics.bootstrap import BootstrapSpec, bootstrap_interval_of, resample_indices
 
 
 def _reference(ctx: EvalContext, kind: str, array: str = "samples") -> tuple[np.ndarray, str]:
@@ -28,6 +29,23 @@ def _per_sample_sq_err(samples, ref) -> np.ndarray:
     return np.concatenate(errors) if errors else np.zeros(0)
 
 
+def mean_replicates(per_sample: np.ndarray, spec: BootstrapSpec) -> np.ndarray | None:
+    """The mean of per-sample terms over each resample, all resamples at once (None when turned off)."""
+    if spec.resamples == 0 or not len(per_sample):
+        return None
+    return per_sample[resample_indices(len(per_sample), spec).numpy()].mean(1)
+
+
+def _with_bootstrap(value: float, replicates: np.ndarray | None, spec: BootstrapSpec, provenance: dict) -> MetricValue:
+    interval = None if replicates is None else bootstrap_interval_of(replicates, spec, value)
+    low, high = interval if interval is not None else (None, None)
+    if low is not None:  # an error: the corrected lower end cannot go below 0
+        low = max(low, 0.0)
+    return MetricValue(value, low, high, {**provenance, "bootstrap": {
+        **spec.provenance(), "statistic": "mean of per-sample squared errors over each resample"}},
+        replicates, spec.seed)
+
+
 def rms_distance(samples: np.ndarray, ref: np.ndarray) -> float:
     """RMS over samples of the Euclidean distance between paired samples (exact_err's definition)."""
     return float(np.sqrt(_per_sample_sq_err(samples, ref).mean()))
@@ -40,8 +58,11 @@ class ExactError(Metric):
 
     def compute(self, ctx: EvalContext) -> MetricValue:
         ref, ref_name = _reference(ctx, "exact")
-        return MetricValue(rms_distance(ctx.samples, ref), provenance={"reference": ref_name, "solver": "scipy DOP853",
-                                              "rtol": references.EXACT_RTOL})
+        spec = BootstrapSpec.from_model_spec(ctx.model_spec, ctx.cell.get("model", "?"))
+        errors = _per_sample_sq_err(ctx.samples, ref)
+        replicates = mean_replicates(errors, spec)
+        return _with_bootstrap(float(np.sqrt(errors.mean())), None if replicates is None else np.sqrt(replicates),
+                               spec, {"reference": ref_name, "solver": "scipy DOP853", "rtol": references.EXACT_RTOL})
 
 
 class MSEToReference(Metric):
@@ -55,5 +76,7 @@ class MSEToReference(Metric):
         samples = ctx.samples if ctx.latents is None else ctx.latents
         ref, ref_name = _reference(ctx, "solver", "samples" if ctx.latents is None else "latents")
         dims = int(np.prod(samples.shape[1:]))
-        value = float(_per_sample_sq_err(samples, ref).mean() / dims)
-        return MetricValue(value, provenance={"reference": ref_name, "space": space, **ctx.model_spec["reference"]})
+        errors = _per_sample_sq_err(samples, ref) / dims
+        spec = BootstrapSpec.from_model_spec(ctx.model_spec, ctx.cell.get("model", "?"))
+        return _with_bootstrap(float(errors.mean()), mean_replicates(errors, spec), spec,
+                               {"reference": ref_name, "space": space, **ctx.model_spec["reference"]})

@@ -93,6 +93,8 @@ class DiffusersUNet(NetworkDenoiser):
                 return network(x_t, t, cond)
             return consistency.apply(network, x_t, t, cond)  # on the EDM process t is sigma, x_t is x
 
+        # 64 rows: digits-unet on one CPU thread spends 1.06 ms per row at 64, 0.74 at 256, but every call pays a
+        # whole chunk, and the preparations' calls are small (DC-Solver fits on 10 samples: 8x slower at 256)
         return cls(net, info, module=unet, chunk=int(params.get("network_batch", 64)))
 
 

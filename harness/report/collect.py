@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from harness import integrity
@@ -25,13 +26,13 @@ from harness.grid import GridCell, parse_guidance_suffix
 
 COLUMNS = [
     "model", "method", "family", "nfe", "guidance", "nfe_measured", "network_evals", "metric", "value", "ci_low", "ci_high",
-    "status", "reason", "num_samples", "seed", "n_seeds", "wall_s", "peak_mem_mb", "gflops_per_sample", "config_hash",
-    "device", "git", "cell_dir",
+    "status", "reason", "num_samples", "seed", "n_seeds", "wall_s", "peak_mem_mb", "gflops_per_sample", "prep_s",
+    "prep_evals", "config_hash", "device", "git", "cell_dir",
 ]
 CONFIDENCE = 0.95
 INT_COLUMNS = ["nfe", "num_samples", "seed", "n_seeds"]
 FLOAT_COLUMNS = ["guidance", "nfe_measured", "network_evals", "value", "ci_low", "ci_high", "wall_s", "peak_mem_mb",
-                 "gflops_per_sample"]
+                 "gflops_per_sample", "prep_s", "prep_evals"]
 SORT_KEYS = ["model", "method", "nfe", "guidance", "metric"]
 CELL_KEYS = ["model", "method", "nfe", "guidance"]  # what a cell is, apart from its seed
 REQUIRED_CELL_KEYS = ("model", "method", "nfe", "status")
@@ -47,8 +48,17 @@ class Collected:
     python: list[str] = field(default_factory=list)
     # (model, metric) -> distinct provenance records (JSON) of that metric's values
     metric_provenance: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    # (model, method, nfe, guidance, seed, metric) -> the metric's bootstrap replicates (metrics.json "replicates")
+    replicates: dict[tuple, Replicates] = field(default_factory=dict)
     # (model, method) -> {nfe: the summary its cells recorded of their prepared artifact}, where a method gives one
     prepared: dict[tuple[str, str], dict[int, dict]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Replicates:
+    seed: int | None  # the resample seed: replicates pair across cells with the same seed and sample count
+    num_samples: int
+    values: np.ndarray
 
 
 def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, methods: dict[str, dict],
@@ -64,6 +74,7 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
     packages: dict[str, set[str]] = {}
     pythons: set[str] = set()
     metric_provenance: dict[tuple[str, str], set[str]] = {}
+    replicates: dict[tuple, Replicates] = {}
     prepared: dict[tuple[str, str], dict[int, dict]] = {}
 
     # With a grid, only its cells and seeds: a results directory keeps cells of earlier grids too
@@ -112,6 +123,9 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
             rows.append({**base, "status": status, "reason": "not evaluated (no metrics.json)"})
             continue
         metrics = read_json(metrics_json)
+        for name, record in (metrics.get("replicates") or {}).items():
+            values = np.array([np.nan if v is None else v for v in record.get("values", [])], dtype=np.float64)
+            replicates[(*key, name)] = Replicates(record.get("seed"), int(record.get("num_samples", 0)), values)
         for name, value in metrics.items():
             if name in RESERVED_KEYS:
                 continue
@@ -137,6 +151,7 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
         packages={name: sorted(versions) for name, versions in sorted(packages.items())},
         python=sorted(pythons),
         metric_provenance={key: sorted(records) for key, records in sorted(metric_provenance.items())},
+        replicates=replicates,
         prepared=prepared,
     )
 
@@ -169,7 +184,10 @@ def _unreadable_cell_row(cell_json: Path, results_dir: Path, reason: str) -> dic
 
 def _cell_fields(cell: dict, cell_dir: str) -> dict:
     provenance = cell.get("provenance", {})
+    prepared = cell.get("prepared") or {}  # a prepared artifact's own cost, paid once per (model, method, params)
     return {
+        "prep_s": prepared.get("wall_s"),
+        "prep_evals": prepared.get("denoiser_rows"),
         "guidance": float(cell.get("guidance", 1)),
         **{key: cell.get(key) for key in ("model", "method", "family", "nfe", "nfe_measured", "network_evals",
                                           "num_samples", "seed", "wall_s", "peak_mem_mb", "gflops_per_sample")},
