@@ -158,6 +158,8 @@ def test_budgets_the_model_cannot_meet_are_unsupported_cells(files):
     assert cells[("tarflow_jacobi", 8)].supported and cells[("tarflow_jacobi", 32)].supported  # 2 x 3 + 2, 2 x 15 + 2
     assert not cells[("euler", 8)].supported
     assert cells[("euler", 8)].reason == "flow model: solver methods sample denoisers"
+    guided = expand_grid({**grid, "methods": ["tarflow_sequential"], "nfe": [32], "guidance": [4]}, models, methods)
+    assert guided[0].reason == "flow model: no guidance axis yet"
     # and a flow method on a denoiser
     zoo = load_models(REPO / "models.yaml")
     denoiser_cells = expand_grid({"models": ["gmm2d"], "methods": ["tarflow_jacobi"], "nfe": [8]}, zoo, methods)
