@@ -60,7 +60,7 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
     progress = _progress(len(starts), num_samples > 4 * batch_size)
     for start in starts:
         counted = CountingDenoiser(sampler.denoiser_for(denoiser))  # the audited NFE: the sampler's denoiser calls
-        before = {m: (c.rows, c.network_s) for m, c in networks.items()}
+        before = {m: (c.network_rows, c.network_s) for m, c in networks.items()}
         rows = range(start, min(start + batch_size, num_samples))
         gen = SampleNoise(seed, rows, device=info.device)
         noise = gen.randn(info.data_shape, dtype=info.dtype)
@@ -77,7 +77,7 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
         if keep_noise:
             arrays["noise"] = noise.float().cpu().numpy()
         record = {"wall_s": wall, "rows": counted.rows,
-                  "network_rows": {m: c.rows - before[m][0] for m, c in networks.items()},
+                  "network_rows": {m: c.network_rows - before[m][0] for m, c in networks.items()},
                   "network_s": sum(c.network_s - before[m][1] for m, c in networks.items()),
                   "finite": bool(np.isfinite(arrays["samples"]).all())}
         store.add(start, arrays, record)
@@ -136,6 +136,7 @@ def run_cell(
     device = resolve_device(device)
     sampler = make_sampler(method_spec)
     sampler.check_nfe(nfe)  # fail before loading a model
+    sampler.check_model(nfe, model_spec)
     prepared_record = prepared.load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe)
     batch_size = min(batch_size or model_spec.get("batch_size", 250), num_samples)  # the batch that runs
     config = cell_config_hash(model_spec, method_spec, nfe, seed, num_samples, guidance)

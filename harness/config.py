@@ -106,12 +106,15 @@ def _check_choice(path, key: str, value: str, valid: list[str]) -> None:
 def load_models(path: str | Path = "models.yaml") -> dict[str, dict]:
     from harness.datasets import DATASETS
     from harness.metrics import METRICS
-    from harness.models import MODELS
+    from harness.models import MODELS, model_kind
 
     data = load_yaml(path)
     validate(data, "models", path)
     for model_id, spec in data.items():
         _check_choice(path, f"{model_id}.adapter", spec["adapter"], MODELS.names())
+        if ("process" in spec) == (model_kind(spec) == "flow"):  # a denoiser needs its noise process, a flow has none
+            raise ConfigError(f"{path}: key '{model_id}.process': " + ("a normalizing flow has no noise process"
+                              if "process" in spec else "required (the model's noise process)"))
         if "dataset" in spec:
             _check_choice(path, f"{model_id}.dataset", spec["dataset"], list(DATASETS))
         for i, metric in enumerate(spec["metrics"]):
@@ -172,11 +175,11 @@ def load_methods(path: str | Path = "methods.yaml") -> MethodTable:
             if unknown:
                 raise ConfigError(f"{path}: key '{method_id}.params.{unknown[0]}': unknown for solver "
                                   f"{spec['solver']!r}{valid_names(unknown[0], valid)}")
-        if spec["family"] == "student":
-            from harness.methods.family_student import StudentSampler
+        if spec["family"] in ("student", "jacobi"):  # their constructors check procedure and params
+            from harness.methods import make_sampler
 
             try:
-                StudentSampler(spec)
+                make_sampler(spec)
             except ConfigError as err:
                 raise ConfigError(f"{path}: method '{method_id}': {err}") from None
         if "schedule" in spec:

@@ -28,9 +28,9 @@ def measure(denoiser, batch_size: int, sigma: float = 1.0) -> dict:
     info = denoiser.info
     x = torch.zeros((batch_size, *info.data_shape), dtype=info.dtype, device=info.device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        denoiser(x, sigma)
+        rows = denoiser.flops_call(x, sigma)  # network rows: batch_size for a denoiser, token evaluations for a flow
     total = float(counter.get_total_flops())
-    return {"flops_per_call": total, "batch_size": batch_size, "flops_per_row": total / batch_size,
+    return {"flops_per_call": total, "batch_size": batch_size, "flops_per_row": total / rows,
             "counter": "torch.utils.flop_counter.FlopCounterMode (matmul, convolution, attention; 2 per MAC)"}
 
 

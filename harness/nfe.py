@@ -17,25 +17,38 @@ class CountingDenoiser(WrappedDenoiser):
     model counts raw network rows in `info.extra["network_rows"]` when it batches (classifier-free
     guidance evaluates a x2 batch for one D call). `network_s` is the wall time inside the calls (on CUDA
     synchronised, so it is the kernels' time, not their launch).
+
+    A flow (harness.models.flow) is audited the same way through `invert`: its NFE is its sequential network
+    passes, `rows` adds passes per sample x samples, and `network_rows` its token evaluations (for a denoiser
+    `network_rows` is `rows`: a call's rows are the network's rows).
     """
 
     def __init__(self, inner: Denoiser):
         super().__init__(inner)
         self.rows = 0
+        self.network_rows = 0
         self.network_s = 0.0
         self._cuda = torch.device(inner.info.device).type == "cuda"
 
     def denoise(self, x, sigma, cond=None):
         self.rows += x.shape[0]
+        self.network_rows += x.shape[0]
+        return self._timed(self.inner.denoise, x, sigma, cond)
+
+    def invert(self, z, cond=None, strategies=None, **settings):
+        result = self._timed(self.inner.invert, z, cond, strategies, **settings)
+        self.rows += round(result.cost["passes_per_sample"] * len(z))
+        self.network_rows += round(result.cost["token_evals_per_sample"] * len(z))
+        return result
+
+    def _timed(self, call, *args, **kwargs):
         start = time.perf_counter()
         with accounting.timed("network"):
-            out = self.inner.denoise(x, sigma, cond)
+            out = call(*args, **kwargs)
             if self._cuda:
                 torch.cuda.synchronize()
         self.network_s += time.perf_counter() - start
         return out
-
-
 
     def nfe_per_sample(self, num_samples: int) -> float:
         return self.rows / num_samples

@@ -74,4 +74,4 @@ def load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe: 
         )
     saved = load_artifact(path)  # data only: a file planted in a shared cache cannot run code here
     sampler.use_prepared(saved["artifact"])
-    return {"path": str(path), **saved["cost"]}
+    return {"path": str(path), **saved["cost"], "summary": sampler.prepared_summary(saved["artifact"], nfe, model_spec)}

@@ -8,6 +8,7 @@ FAMILIES: Registry = Registry("method family", "harness.methods.base:Sampler")
 FAMILIES.add("solver", "harness.methods.family_solver:SolverSampler")
 FAMILIES.add("stitch", "harness.methods.family_stitch:StitchSampler")
 FAMILIES.add("student", "harness.methods.family_student:StudentSampler")
+FAMILIES.add("jacobi", "harness.methods.family_jacobi:JacobiSampler")
 
 
 def make_sampler(spec: dict):

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from harness.errors import UnsupportedNFE
 from harness.models.base import Denoiser
 from harness.noise import SampleNoise
 
@@ -39,6 +40,10 @@ class Sampler(ABC):
         """Take the side data made by `prepare` before sampling."""
         raise NotImplementedError(f"{type(self).__name__} has nothing to prepare")
 
+    def prepared_summary(self, artifact: dict, nfe: int, model_spec: dict) -> dict | None:
+        """What cell.json records of the side data at this budget, for the report (None: nothing)."""
+        return None
+
     def summary(self) -> dict[str, str]:
         """What `stepbench methods` lists for this method, column -> text."""
         return {"family": self.family}
@@ -55,6 +60,19 @@ class Sampler(ABC):
         """The denoiser this method's sampling calls, built on the cell's (a stitched pair): the NFE audit
         counts the calls to it."""
         return denoiser
+
+    # what the method samples: "denoiser" (a Denoiser), or "flow" (harness.models.flow, by inversion)
+    model_kind: str = "denoiser"
+
+    def check_model(self, nfe: int, model_spec: dict) -> None:
+        """Raise UnsupportedNFE if this method cannot sample this models.yaml entry at nfe (another model kind;
+        a budget the model's structure fixes), from the entry alone: the grid marks such a cell unsupported."""
+        from harness.models import model_kind
+
+        kind = model_kind(model_spec)
+        if kind != self.model_kind:
+            raise UnsupportedNFE(f"family {self.family} samples {self.model_kind} models; this one is a {kind}",
+                                 f"{kind} model: {self.family} methods sample {self.model_kind}s")
 
     @abstractmethod
     def check_nfe(self, nfe: int) -> None:

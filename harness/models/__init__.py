@@ -13,6 +13,16 @@ MODELS.add("digits_gaussian", "harness.models.analytic:GaussianData")
 MODELS.add("diffusers_unet", "harness.models.diffusers_unet:DiffusersUNet")
 MODELS.add("diffusers_sd", "harness.models.diffusers_sd:StableDiffusion")
 MODELS.add("diffusers_dit", "harness.models.diffusers_dit:DiffusersDiT")
+MODELS.add("tarflow", "harness.models.flow:TarFlowModel")
+
+# Adapters whose models are normalizing flows (harness.models.flow), sampled by inversion, not by denoising:
+# the one place a model's kind is decided, from its entry alone (planning imports no adapter for it).
+FLOW_ADAPTERS = ("tarflow",)
+
+
+def model_kind(spec: dict) -> str:
+    """'flow' or 'denoiser': which methods can sample a models.yaml entry (Sampler.model_kind)."""
+    return "flow" if spec["adapter"] in FLOW_ADAPTERS else "denoiser"
 
 
 def resolve_device(device: str | None) -> str:

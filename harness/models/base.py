@@ -64,6 +64,12 @@ class Denoiser(ABC):
         """Latent models map samples to data; pixel models return them unchanged."""
         return x0
 
+    def flops_call(self, x: torch.Tensor, sigma: float = 1.0) -> int:
+        """One network call on x for harness.flops to count; returns the network rows it made (a flow: its
+        token evaluations, harness.models.flow)."""
+        self(x, sigma)
+        return len(x)
+
     @property
     def process(self) -> NoiseProcess:
         return self.info.process
@@ -106,6 +112,13 @@ class WrappedDenoiser(Denoiser):
 
     def decode(self, x0):
         return self.inner.decode(x0)
+
+    def flops_call(self, x, sigma=1.0):
+        return self.inner.flops_call(x, sigma)
+
+    def invert(self, z, cond=None, strategies=None, **settings):
+        """A flow's inversion (harness.models.flow.FlowModel), passed through."""
+        return self.inner.invert(z, cond, strategies, **settings)
 
     def conditions(self, seed, indices):
         return self.inner.conditions(seed, indices)

@@ -51,7 +51,8 @@ def render_report(results_dir: Path, out: Path, grid_file: Path | None, models_f
     plots = write_plots(results, layouts, out / "plots", out / "data", families)
     guidance_plots = write_guidance_plots(results, out / "plots")
     render_site(out, collected, layouts, plots, guidance_plots, _thumbnails(collected, results_dir, out, models),
-                all_findings(results, models, methods), rank_methods(results), Significance(collected, methods),
+                all_findings(results, models, methods, collected.prepared), rank_methods(results),
+                Significance(collected, methods),
                 results_dir=results_dir, grid_file=str(grid_file) if grid_file else None,
                 generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), models=models, methods=methods)
 

@@ -50,6 +50,8 @@ class Collected:
     metric_provenance: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     # (model, method, nfe, guidance, seed, metric) -> the metric's bootstrap replicates (metrics.json "replicates")
     replicates: dict[tuple, Replicates] = field(default_factory=dict)
+    # (model, method) -> {nfe: the summary its cells recorded of their prepared artifact}, where a method gives one
+    prepared: dict[tuple[str, str], dict[int, dict]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
     pythons: set[str] = set()
     metric_provenance: dict[tuple[str, str], set[str]] = {}
     replicates: dict[tuple, Replicates] = {}
+    prepared: dict[tuple[str, str], dict[int, dict]] = {}
 
     # With a grid, only its cells and seeds: a results directory keeps cells of earlier grids too
     requested = {c.key for c in grid_cells} if grid_cells is not None else None
@@ -100,6 +103,9 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
                                  f"{key[4]} also at {found[key]}; keep one cell per (model, method, NFE, guidance, "
                                  "seed)")
         found[key] = cell_json
+        summary = (cell.get("prepared") or {}).get("summary")
+        if summary is not None and _distrust(cell_json.parent, cell, expected_hash) is None:
+            prepared.setdefault((cell["model"], cell["method"]), {})[int(cell["nfe"])] = summary
         provenance = cell.get("provenance", {})
         for name, version in provenance.get("packages", {}).items():
             packages.setdefault(name, set()).add(str(version))
@@ -146,6 +152,7 @@ def collect_results(results_dir: Path, grid_cells: list[GridCell] | None, method
         python=sorted(pythons),
         metric_provenance={key: sorted(records) for key, records in sorted(metric_provenance.items())},
         replicates=replicates,
+        prepared=prepared,
     )
 
 

@@ -189,7 +189,87 @@ def guidance_claim(results: pd.DataFrame, methods: dict) -> list[Finding]:
     return found
 
 
-def all_findings(results: pd.DataFrame, models: dict, methods: dict) -> list[Finding]:
+EXACT_SEQUENTIAL = "sequential"  # the jacobi family's exact inverse (its procedure), every flow's baseline
+INVERSION_RMS = 1e-4  # "reproduces the sequential samples": RMS per dimension from them at most this
+
+
+def parallel_inversion(results: pd.DataFrame, methods: dict) -> list[Finding]:
+    """Each flow's Jacobi and GS-Jacobi cells beside its exact sequential inverse from the same noise, in the same
+    run: sequential passes (the budget and what was measured), token evaluations, wall time and the speed-up,
+    the RMS distance per dimension to the sequential samples (sqrt mse_ref, the sequential method being the
+    model's reference) and FID."""
+    procedure = {m: s.get("procedure") for m, s in methods.items() if s.get("family") == "jacobi"}
+    found = []
+    ok = results[results["status"] == "ok"]
+    for model in sorted(set(ok[ok["method"].isin(list(procedure))]["model"])):
+        rows = ok[ok["model"] == model]
+
+        def metric(method, nfe, name):
+            hit = rows[(rows["method"] == method) & (rows["nfe"] == nfe) & (rows["metric"] == name)]["value"]
+            return float(hit.iloc[0]) if len(hit) and math.isfinite(hit.iloc[0]) else None
+
+        cells = rows[rows["method"].isin(list(procedure))].drop_duplicates(["method", "nfe"])
+        baseline = cells[cells["method"].map(procedure) == EXACT_SEQUENTIAL]
+        if baseline.empty:
+            continue
+        base = baseline.iloc[0]
+        base_wall = metric(base["method"], base["nfe"], "wall_s_per_sample")
+        table, reproduced = [], []
+        ordered = sorted((cell for _, cell in cells.iterrows()),  # the baseline first
+                         key=lambda c: (procedure[c["method"]] != EXACT_SEQUENTIAL, c["method"], c["nfe"]))
+        for cell in ordered:
+            method, nfe = cell["method"], cell["nfe"]
+            wall, mse, fid = (metric(method, nfe, name) for name in ("wall_s_per_sample", "mse_ref", "fid"))
+            rms = math.sqrt(mse) if mse is not None else None
+            speedup = base_wall / wall if base_wall and wall else None
+            table.append([method, int(nfe), _fmt(cell["nfe_measured"]), _fmt(cell["network_evals"]), _fmt(wall),
+                          _fmt(speedup), _fmt(rms), _fmt(fid)])
+            if (procedure[method] != EXACT_SEQUENTIAL and rms is not None and rms <= INVERSION_RMS
+                    and cell["nfe_measured"] < base["nfe_measured"]):
+                faster = speedup is not None and speedup > 1
+                reproduced.append(f"{method} at NFE {int(nfe)} ({_fmt(cell['nfe_measured'])} passes, "
+                                  f"{_fmt(speedup)}x the sequential speed: {'faster' if faster else 'slower'} in wall "
+                                  "time here)")
+        verdict = (f"parallel inversion reproduces the sequential samples (RMS <= {INVERSION_RMS:g}) with fewer "
+                   f"sequential passes than its {_fmt(base['nfe_measured'])}: {'; '.join(reproduced)}" if reproduced
+                   else f"no parallel inversion came within RMS {INVERSION_RMS:g} of the sequential samples with fewer "
+                        "passes here")
+        verdict += ("; fewer sequential passes pay in wall time only where a pass over many tokens costs about what a "
+                    "single-token pass does (a GPU); the token evaluations show the extra work")
+        found.append(Finding(f"Jacobi and GS-Jacobi inversion of {model} versus its exact sequential inverse (same noise, "
+                             "same run)", verdict,
+                             ["method", "NFE (pass budget)", "passes measured", "token evals/sample", "wall s/sample",
+                              f"speed-up vs {base['method']}", "RMS from sequential", "FID"], table, model))
+    return found
+
+
+def jacobi_strategies(prepared: dict, methods: dict) -> list[Finding]:
+    """The per-block CRM and IGM of each GS-Jacobi method's prepared artifact and the strategy each budget ran,
+    in the paper's [Stack-GS-J-Else] notation (from the cells' records of their artifacts)."""
+    found = []
+    for (model, method), by_nfe in sorted((prepared or {}).items()):
+        if methods.get(method, {}).get("family") != "jacobi" or not by_nfe:
+            continue
+        first = next(iter(by_nfe.values()))
+        rows = [[k, f"{share:.1%}", _fmt(crm), _fmt(z), _fmt(zeros), first["guess"][k],
+                 "tough" if k in first["tough_blocks"] else ""]
+                for k, (share, crm, z, zeros) in enumerate(zip(first["crm_share"], first["crm"], first["igm_z"],
+                                                               first["igm_zeros"]))]
+        ran = "; ".join(f"NFE {nfe}: {summary['notation']} (worst case {summary['worst_case_passes']} passes)"
+                        for nfe, summary in sorted(by_nfe.items()))
+        tough = first["tough_blocks"]
+        verdict = (f"CRM on {first['images']} training images marks block{'s' if len(tough) > 1 else ''} "
+                   f"{', '.join(map(str, tough))} tough" if tough else
+                   f"CRM on {first['images']} training images marks no block tough (none dominates)") + f"; ran {ran}"
+        found.append(Finding(f"{method} on {model}: per-block CRM and IGM (block 0 first)", verdict,
+                             ["block", "CRM share", "CRM", "IGM (guess z)", "IGM (guess zeros)", "guess", ""],
+                             rows, model))
+    return found
+
+
+def all_findings(results: pd.DataFrame, models: dict, methods: dict, prepared: dict | None = None) -> list[Finding]:
+    """`prepared`: (model, method) -> {nfe: the summary a cell recorded of its prepared artifact}."""
     unguided = results[results["guidance"].fillna(1.0) == 1.0]
     return [*learned_the_distribution(unguided, models), *distillation_versus_solvers(unguided, models),
-            *stitching_versus_large_model(unguided, methods), *guidance_claim(results, methods)]
+            *stitching_versus_large_model(unguided, methods), *guidance_claim(results, methods),
+            *parallel_inversion(unguided, methods), *jacobi_strategies(prepared, methods)]

@@ -74,7 +74,7 @@ def annotate_keys(models: dict[str, dict], path) -> None:
                 raise ConfigError(f"{path}: key '{model_id}.train.teacher': {teacher!r} is not a trained model of "
                                   f"this file{valid_names(teacher, [m for m in models if 'train' in models[m]])}")
             teacher_key = key(teacher, chain + (model_id,))
-        spec["train_key"] = config_hash(train, spec["process"], code_hash(train["trainer"]), teacher_key)
+        spec["train_key"] = config_hash(train, spec.get("process"), code_hash(train["trainer"]), teacher_key)
         return spec["train_key"]
 
     for model_id, spec in models.items():

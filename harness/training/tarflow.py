@@ -113,3 +113,31 @@ def _warmup_cosine(cfg: dict):
     return warmup_cosine(cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["steps"])
 
 
+
+
+def train_for_zoo(model_id: str, spec: dict, models: dict, cache_dir, out) -> dict:
+    """The workflow's trainer (harness.training.TRAINERS["tarflow"]), with the diffusion_unet trainer's interface:
+    trains the entry's TarFlow and writes it to `out` as save_pretrained does (config.json + model.safetensors),
+    the folder the `tarflow` adapter loads. `train.config` overrides DIGITS_TARFLOW's keys (`model` as a whole:
+    a partial architecture is completed from DIGITS_TARFLOW's); `train.conditional: false` trains without labels."""
+    from harness.models.tarflow import save_pretrained
+    from harness.training.common import dataset_tensors
+
+    section = spec["train"]
+    config = dict(section.get("config", {}))
+    config["model"] = {**DIGITS_TARFLOW["model"], **config.get("model", {})}
+    images, labels = dataset_tensors(section.get("dataset", "digits"))
+    if not section.get("conditional", True):
+        config["model"]["num_classes"] = 0
+    try:
+        model = train(config, images, labels, seed=int(section.get("seed", 0)))
+    except ConfigError as err:
+        raise ConfigError(f"key '{model_id}.train.config': {err}") from None
+    save_pretrained(model, out)
+    with torch.no_grad():
+        x = torch.as_tensor(np.asarray(images[:500]), dtype=torch.float32)
+        y = torch.as_tensor(labels[:500]) if model.config.num_classes else None
+        nll = float(model.nll_loss(x, y))
+    return {"steps": _checked(config)["steps"], "nll_per_dim_first_500": nll,
+            "num_classes": model.config.num_classes, "parameters": sum(p.numel() for p in model.parameters()),
+            "train_loop_s": model.training_seconds}
