@@ -145,8 +145,10 @@ def run_cell(
     interval = check_interval(method_spec.get("guidance_interval"), f"{method_id}.guidance_interval")
     with PeakMemory(device) as peak:
         # a counter on every network the cell runs (the cell's, a stitched small one), each under the same guidance
-        networks = {MAIN: CountingDenoiser(load_denoiser(model_spec, device, cache_dir, model_id))}
-        flops = {MAIN: flops_of_model(cache_dir, model_id, model_spec, batch_size, networks[MAIN])}
+        model = load_denoiser(model_spec, device, cache_dir, model_id)
+        # FLOPs of the network as loaded: a quantised copy performs the same operations (at its precision)
+        flops = {MAIN: flops_of_model(cache_dir, model_id, model_spec, batch_size, model)}
+        networks = {MAIN: CountingDenoiser(sampler.model_for(model))}
         for other in sampler.extra_models():
             if models is None or other not in models:
                 raise StepbenchError(f"method {method_id!r} runs model {other!r}, which is not in the models file")
@@ -183,6 +185,7 @@ def run_cell(
         "status": result.status,
         "samples_sha256": sha256_file(out_dir / "samples.npz"),  # what evaluate and the report check it against
         "prepared": prepared_record,  # side data made in its own job, and what it cost
+        "method_record": sampler.record(),  # what the method records of its own work (a quantised network)
         "provenance": {
             "config_hash": config,
             "model_spec": model_spec,

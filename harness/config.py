@@ -172,6 +172,13 @@ def load_methods(path: str | Path = "methods.yaml") -> MethodTable:
             if unknown:
                 raise ConfigError(f"{path}: key '{method_id}.params.{unknown[0]}': unknown for solver "
                                   f"{spec['solver']!r}{valid_names(unknown[0], valid)}")
+        if spec["family"] == "quantized":  # its settings checked at planning, not in a job
+            from harness.methods.family_quantized import QuantizedSampler
+
+            try:
+                QuantizedSampler(spec)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: method '{method_id}': {err}") from None
         if spec["family"] == "student":
             from harness.methods.family_student import StudentSampler
 

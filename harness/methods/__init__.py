@@ -8,6 +8,7 @@ FAMILIES: Registry = Registry("method family", "harness.methods.base:Sampler")
 FAMILIES.add("solver", "harness.methods.family_solver:SolverSampler")
 FAMILIES.add("stitch", "harness.methods.family_stitch:StitchSampler")
 FAMILIES.add("student", "harness.methods.family_student:StudentSampler")
+FAMILIES.add("quantized", "harness.methods.family_quantized:QuantizedSampler")
 
 
 def make_sampler(spec: dict):

@@ -80,20 +80,27 @@ class DiffusersUNet(NetworkDenoiser):
             extra={"source": source, **({"consistency": consistency} if consistency else {})},
         )
 
-        def network(x_t, t, cond=None):
-            labels = None
-            if embeds:  # a class-conditional network: no labels means the unconditional model
-                labels = cond if cond is not None else torch.full((len(x_t),), null_class, device=x_t.device)
-            out = unet(x_t, t, class_labels=labels, return_dict=False)[0]
-            return out[:, :channels]  # learned-variance networks append their variance channels
+        def unet_call(x_t, t, labels):
+            return unet(x_t, t, class_labels=labels, return_dict=False)[0]
 
-        @torch.inference_mode()
-        def net(x_t, t, cond=None):
-            if consistency is None:
-                return network(x_t, t, cond)
-            return consistency.apply(network, x_t, t, cond)  # on the EDM process t is sigma, x_t is x
+        def make_net(call):
+            """The Denoiser's network around `call(x_t, t, class_labels)`: the UNet, or a transform of it."""
 
-        return cls(net, info, module=unet, chunk=int(params.get("network_batch", 64)))
+            def network(x_t, t, cond=None):
+                labels = None
+                if embeds:  # a class-conditional network: no labels means the unconditional model
+                    labels = cond if cond is not None else torch.full((len(x_t),), null_class, device=x_t.device)
+                return call(x_t, t, labels)[:, :channels]  # learned-variance networks append their variance channels
+
+            @torch.inference_mode()
+            def net(x_t, t, cond=None):
+                if consistency is None:
+                    return network(x_t, t, cond)
+                return consistency.apply(network, x_t, t, cond)  # on the EDM process t is sigma, x_t is x
+
+            return net
+
+        return cls(make_net(unet_call), info, module=unet, chunk=int(params.get("network_batch", 64)), rebind=make_net)
 
 
 def _checkpoint_setup(spec: dict) -> tuple[str, object, str, ConsistencyParametrisation | None]:
