@@ -148,7 +148,9 @@ def run_cell(
         model = load_denoiser(model_spec, device, cache_dir, model_id)
         # FLOPs of the network as loaded: a quantised copy performs the same operations (at its precision)
         flops = {MAIN: flops_of_model(cache_dir, model_id, model_spec, batch_size, model)}
-        networks = {MAIN: CountingDenoiser(sampler.model_for(model))}
+        threads = choose_threads(model, flops[MAIN]["flops_per_call"])
+        with use_threads(threads):  # a compiled network is specialised to the thread count it first runs with
+            networks = {MAIN: CountingDenoiser(sampler.model_for(model))}
         for other in sampler.extra_models():
             if models is None or other not in models:
                 raise StepbenchError(f"method {method_id!r} runs model {other!r}, which is not in the models file")
@@ -156,7 +158,6 @@ def run_cell(
             flops[other] = flops_of_model(cache_dir, other, models[other], batch_size, networks[other])
         sampler.use_models({m: guided(net, guidance, interval) for m, net in networks.items() if m != MAIN})
         denoiser = guided(networks[MAIN], guidance, interval)
-        threads = choose_threads(denoiser, flops[MAIN]["flops_per_call"])
         with use_threads(threads):
             result = generate(denoiser, sampler, nfe, seed, num_samples, batch_size, store, keep_noise, networks)
 
