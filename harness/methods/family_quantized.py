@@ -254,7 +254,7 @@ def calibration_inputs(denoiser: Denoiser, network: NetworkDenoiser, calibration
     """(list of (x_t, t, labels) batches, summary) from the fp32 network's own trajectories: a forward pre-hook
     on the network module records its inputs while `trajectories` DDIM runs sample (in groups of at most one
     network chunk, so each denoiser call is one module call whose first rows are the group's)."""
-    from harness.methods.solver_base import SOLVERS
+    from harness.methods.family_solver import SOLVERS  # importing it registers the solvers
     from harness.noise import SampleNoise
     from harness.schedules import sigma_grid
     from tqdm.auto import tqdm
