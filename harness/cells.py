@@ -146,8 +146,12 @@ def run_cell(
     interval = check_interval(method_spec.get("guidance_interval"), f"{method_id}.guidance_interval")
     with PeakMemory(device) as peak:
         # a counter on every network the cell runs (the cell's, a stitched small one), each under the same guidance
-        networks = {MAIN: CountingDenoiser(load_denoiser(model_spec, device, cache_dir, model_id))}
-        flops = {MAIN: flops_of_model(cache_dir, model_id, model_spec, batch_size, networks[MAIN])}
+        model = load_denoiser(model_spec, device, cache_dir, model_id)
+        # FLOPs of the network as loaded: a quantised copy performs the same operations (at its precision)
+        flops = {MAIN: flops_of_model(cache_dir, model_id, model_spec, batch_size, model)}
+        threads = choose_threads(model, flops[MAIN]["flops_per_call"])
+        with use_threads(threads):  # a compiled network is specialised to the thread count it first runs with
+            networks = {MAIN: CountingDenoiser(sampler.model_for(model))}
         for other in sampler.extra_models():
             if models is None or other not in models:
                 raise StepbenchError(f"method {method_id!r} runs model {other!r}, which is not in the models file")
@@ -155,7 +159,6 @@ def run_cell(
             flops[other] = flops_of_model(cache_dir, other, models[other], batch_size, networks[other])
         sampler.use_models({m: guided(net, guidance, interval) for m, net in networks.items() if m != MAIN})
         denoiser = guided(networks[MAIN], guidance, interval)
-        threads = choose_threads(denoiser, flops[MAIN]["flops_per_call"])
         with use_threads(threads):
             result = generate(denoiser, sampler, nfe, seed, num_samples, batch_size, store, keep_noise, networks)
 
@@ -184,6 +187,7 @@ def run_cell(
         "status": result.status,
         "samples_sha256": sha256_file(out_dir / "samples.npz"),  # what evaluate and the report check it against
         "prepared": prepared_record,  # side data made in its own job, and what it cost
+        "method_record": sampler.record(),  # what the method records of its own work (a quantised network)
         "provenance": {
             "config_hash": config,
             "model_spec": model_spec,

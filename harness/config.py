@@ -175,7 +175,7 @@ def load_methods(path: str | Path = "methods.yaml") -> MethodTable:
             if unknown:
                 raise ConfigError(f"{path}: key '{method_id}.params.{unknown[0]}': unknown for solver "
                                   f"{spec['solver']!r}{valid_names(unknown[0], valid)}")
-        if spec["family"] in ("student", "jacobi"):  # their constructors check procedure and params
+        if spec["family"] in ("student", "jacobi", "quantized"):  # their constructors check procedure and params
             from harness.methods import make_sampler
 
             try:

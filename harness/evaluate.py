@@ -24,6 +24,7 @@ def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names:
     cell_dir = Path(cell_dir)
     cell = verified_cell(cell_dir)  # the samples are the ones cell.json describes, or one line says why not
     samples, latents, labels = read_samples(cell_dir / "samples.npz")
+    metric_names = [*metric_names, *method_metrics(cell, metric_names)]
     metric_classes = [METRICS.get(name) for name in metric_names]  # unknown names fail before any work
 
     out: dict = {"status": cell["status"], "ci": {}, "provenance": {}, "replicates": {},
@@ -47,6 +48,15 @@ def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names:
                                                   for v in result.replicates]}
     write_json(cell_dir / "metrics.json", out)
     return out
+
+
+def method_metrics(cell: dict, metric_names: list[str]) -> list[str]:
+    """Metrics only the cell's method family defines (a quantised cell's distance to its fp32 twin)."""
+    from harness.methods import FAMILIES
+
+    family = cell.get("family")
+    extra = FAMILIES.get(family).cell_metrics if family in FAMILIES.names() else ()
+    return [name for name in extra if name not in metric_names]
 
 
 def read_samples(path: Path) -> tuple[NpzArray, NpzArray | None, np.ndarray | None]:

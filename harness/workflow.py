@@ -132,6 +132,14 @@ class Plan:
         return cell_config_hash(self.model_specs[model], self.method_specs[method], int(nfe), int(seed),
                                 self.num_samples[model], parse_guidance_suffix(guidance))
 
+    def twin_inputs(self, model: str, method: str, nfe, guidance: str, seed) -> list[Path]:
+        """What a quantised cell's evaluation reads of its full-precision twin (mse_fp32); nothing for others."""
+        base = twin_method(self.method_specs[method])
+        if base is None:
+            return []
+        folder = self.cell_dir(model, base, nfe, guidance, seed)
+        return [folder / "cell.json", folder / "samples.npz"]
+
     def model_hash(self, model: str) -> str:
         """The model entry's hash: a param of the jobs its metrics settings (references, metrics) feed."""
         return config_hash(self.model_specs[model])
@@ -177,7 +185,7 @@ def plan(config: dict) -> Plan:
     results_dir = Path(config["results_dir"])
     cache_dir = results_dir / "cache"
     seeds = grid_seeds(config)
-    cells = [c for c in expand_grid(config, models, methods) if c.supported]
+    cells = with_twins([c for c in expand_grid(config, models, methods) if c.supported], methods)
     model_ids = list(dict.fromkeys(c.model for c in cells))
     for model_id in model_ids:  # a missing checkpoint is one line now, not a failed job later
         try:
@@ -241,6 +249,25 @@ def plan(config: dict) -> Plan:
                     needs.append(path)
             result.eval_inputs[(model_id, seed)] = sorted(set(needs))
     return result
+
+
+def twin_method(method_spec: dict) -> str | None:
+    """The base solver a quantised method is measured against (mse_fp32), None for other families."""
+    return method_spec["quantized"]["base"] if method_spec.get("family") == "quantized" else None
+
+
+def with_twins(cells: list[GridCell], methods: dict) -> list[GridCell]:
+    """The cells and, for each quantised one, its full-precision twin (the base solver at the same model, NFE and
+    guidance) when the grid does not list it: mse_fp32 reads its samples."""
+    have = {c.key for c in cells}
+    out = list(cells)
+    for cell in cells:
+        base = twin_method(methods[cell.method])
+        if base is not None and (cell.model, base, cell.nfe, cell.guidance) not in have:
+            twin = GridCell(cell.model, base, cell.nfe, True, guidance=cell.guidance)
+            have.add(twin.key)
+            out.append(twin)
+    return out
 
 
 def _with_teachers(model_ids, models: dict) -> list[str]:

@@ -6,6 +6,7 @@ rule evaluate:
         cell=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}{{guidance}}/seed{{seed}}/cell.json",
         samples=f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}{{guidance}}/seed{{seed}}/samples.npz",
         cached=lambda wc: PLAN.eval_inputs[(wc.model, int(wc.seed))],
+        twin=lambda wc: PLAN.twin_inputs(wc.model, wc.method, wc.nfe, wc.guidance, wc.seed),  # quantised cells' fp32 twin
     output:
         f"{RESULTS}/cells/{{model}}/{{method}}/nfe{{nfe}}{{guidance}}/seed{{seed}}/metrics.json",
     params:

@@ -9,6 +9,7 @@ FAMILIES.add("solver", "harness.methods.family_solver:SolverSampler")
 FAMILIES.add("stitch", "harness.methods.family_stitch:StitchSampler")
 FAMILIES.add("student", "harness.methods.family_student:StudentSampler")
 FAMILIES.add("jacobi", "harness.methods.family_jacobi:JacobiSampler")
+FAMILIES.add("quantized", "harness.methods.family_quantized:QuantizedSampler")
 
 
 def make_sampler(spec: dict):

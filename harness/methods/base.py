@@ -56,6 +56,19 @@ class Sampler(ABC):
     def use_models(self, denoisers: dict[str, Denoiser]) -> None:
         """The extra models, loaded."""
 
+    # Methods that transform the cell's network (quantisation) do it here, before it is counted; what they
+    # record of the transform goes into cell.json's `method_record`, and metrics only they define are
+    # evaluated on their cells beside the model's (`cell_metrics`).
+    cell_metrics: tuple[str, ...] = ()
+
+    def model_for(self, denoiser: Denoiser) -> Denoiser:
+        """The cell's model as this method runs it (loaded, not yet counted or guided)."""
+        return denoiser
+
+    def record(self) -> dict:
+        """What cell.json keeps of this method's own work (JSON-able)."""
+        return {}
+
     def denoiser_for(self, denoiser: Denoiser) -> Denoiser:
         """The denoiser this method's sampling calls, built on the cell's (a stitched pair): the NFE audit
         counts the calls to it."""

@@ -162,11 +162,24 @@ class NetworkDenoiser(Denoiser):
     """
 
     def __init__(self, net: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], info: DenoiserInfo,
-                 module: torch.nn.Module | None = None, chunk: int = 64):
+                 module: torch.nn.Module | None = None, chunk: int = 64, rebind: Callable | None = None):
         self.net = net
         self.info = info
         self.module = module  # the network behind `net`, for transforms that need it (quantisation)
         self.chunk = chunk
+        # rebind(call) -> net: the adapter's `net` with `call(x_t, t, class_labels) -> Tensor` in place of
+        # the module (its label handling, output slicing and parametrisation kept)
+        self._rebind = rebind
+
+    def with_network(self, call: Callable, module: torch.nn.Module | None = None) -> "NetworkDenoiser":
+        """The same denoiser with its network replaced by `call(x_t, t, class_labels)` (a quantised copy)."""
+        if self._rebind is None:
+            raise ConfigError(f"{type(self).__name__}: this adapter cannot swap its network (no rebind)")
+        import copy
+
+        other = copy.copy(self)
+        other.net, other.module = self._rebind(call), module
+        return other
 
     def _net_in_chunks(self, x_t, t, cond):
         outs = []

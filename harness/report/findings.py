@@ -267,9 +267,55 @@ def jacobi_strategies(prepared: dict, methods: dict) -> list[Finding]:
     return found
 
 
+def quantisation(results: pd.DataFrame, methods: dict) -> list[Finding]:
+    """Each quantised method beside its full-precision base solver at the same NFE, in one run: wall-clock speed-up
+    (a slowdown shows as < 1; none for simulated schemes), network size, FID change and mse_fp32; and which time-step
+    calibration (uniform, ptq4dm_normal) is closer to full precision at the same scheme."""
+    quantised = {m: s["quantized"] for m, s in methods.items() if s.get("family") == "quantized"}
+    found = []
+    for model in sorted(set(results[results["method"].isin(list(quantised))]["model"])):
+        tables = {name: _values(results, name) for name in ("wall_s_per_sample", "model_bytes", "fid", "mse_fp32")}
+
+        def value(name, method, nfe):
+            table = tables[name]
+            hit = table[(table["model"] == model) & (table["method"] == method) & (table["nfe"] == nfe)]
+            return float(hit["value"].iloc[0]) if len(hit) else None
+
+        rows, by_calibration = [], {}
+        for method, q in quantised.items():
+            for nfe in sorted(set(results[(results["model"] == model) & (results["method"] == method)]["nfe"])):
+                simulated = bool(q.get("simulate"))
+                w, w0 = value("wall_s_per_sample", method, nfe), value("wall_s_per_sample", q["base"], nfe)
+                fid, fid0 = value("fid", method, nfe), value("fid", q["base"], nfe)
+                mse, size = value("mse_fp32", method, nfe), value("model_bytes", method, nfe)
+                calibration = (q.get("calibration") or {}).get("timesteps", "—")
+                speed = "— (simulated)" if simulated else (_fmt(w0 / w) if w and w0 else "—")
+                rows.append([method, q["scheme"] + (" (simulated)" if simulated else ""), calibration, int(nfe), speed,
+                             _fmt(size / 1e6) if size else "—",
+                             f"{fid - fid0:+.3g}" if fid is not None and fid0 is not None else "—", _fmt(mse)])
+                if calibration != "—" and mse is not None:
+                    by_calibration.setdefault((q["base"], q["scheme"], simulated, int(nfe)), {})[calibration] = mse
+        if not rows:
+            continue
+        pairs = [v for v in by_calibration.values() if {"uniform", "ptq4dm_normal"} <= set(v)]
+        wins = sum(v["uniform"] < v["ptq4dm_normal"] for v in pairs)
+        if not pairs:
+            verdict = "calibrations not compared: no scheme here has both uniform and ptq4dm_normal cells"
+        else:
+            better = "uniform" if wins * 2 > len(pairs) else "ptq4dm_normal" if wins * 2 < len(pairs) else "neither"
+            verdict = (f"{better} time-step calibration is closer to full precision here (lower mse_fp32 in "
+                       f"{max(wins, len(pairs) - wins)} of {len(pairs)} base solver/NFE pairs at the same scheme); "
+                       "speed-up is the base solver's fp32 cell's wall time over the quantised cell's, same run")
+        found.append(Finding(f"Quantisation on {model} (against the fp32 base solver, same noise, same run)", verdict,
+                             ["method", "scheme", "calibration", "NFE", "speed-up (wall)", "size (MB)", "FID change",
+                              "mse_fp32"], rows, model))
+    return found
+
+
 def all_findings(results: pd.DataFrame, models: dict, methods: dict, prepared: dict | None = None) -> list[Finding]:
     """`prepared`: (model, method) -> {nfe: the summary a cell recorded of its prepared artifact}."""
     unguided = results[results["guidance"].fillna(1.0) == 1.0]
     return [*learned_the_distribution(unguided, models), *distillation_versus_solvers(unguided, models),
             *stitching_versus_large_model(unguided, methods), *guidance_claim(results, methods),
-            *parallel_inversion(unguided, methods), *jacobi_strategies(prepared, methods)]
+            *parallel_inversion(unguided, methods), *jacobi_strategies(prepared, methods),
+            *quantisation(unguided, methods)]
