@@ -29,10 +29,12 @@ STEPBENCH_WORKERS=0 runs each job in its own process instead (the plain `stepben
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -149,10 +151,25 @@ def run_in_worker(argv: list[str], env: dict[str, str], directory: Path) -> int:
         raise RuntimeError(f"stepbench-job: the worker at {path} kept retiring")
 
 
+@contextlib.contextmanager
+def _socket_address(path: Path):
+    """A Unix socket's address for bind/connect. Linux caps it at 107 bytes, and a grid's directory (a pytest tmp
+    dir, a cluster's scratch) can be longer: then the socket is named through its directory's descriptor."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{folder}/{path.name}"
+    finally:
+        os.close(folder)
+
+
 def _connect(path: Path):
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        connection.connect(str(path))
+        with _socket_address(path) as address:
+            connection.connect(address)
         return connection
     except OSError:  # none listening: a worker that idled out, or one killed before it could remove it
         connection.close()
@@ -162,8 +179,9 @@ def _connect(path: Path):
 
 def _start_worker(path: Path, env: dict[str, str]):
     log = open(path.with_suffix(".log"), "ab")
-    subprocess.Popen([sys.executable, "-m", "harness.worker", str(path)], env=env, stdin=subprocess.DEVNULL,
-                     stdout=log, stderr=log, start_new_session=True, close_fds=True)
+    log_start = log.tell()  # this start's own lines, for the reason it gives should it die
+    worker = subprocess.Popen([sys.executable, "-m", "harness.worker", str(path)], env=env, stdin=subprocess.DEVNULL,
+                              stdout=log, stderr=log, start_new_session=True, close_fds=True)
     log.close()
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -171,6 +189,12 @@ def _start_worker(path: Path, env: dict[str, str]):
             connection = _connect(path)
             if connection is not None:
                 return connection
+        if worker.poll() is not None:  # it died starting: say why now, not after the timeout
+            with open(path.with_suffix(".log"), "rb") as text:
+                text.seek(log_start)
+                lines = text.read().decode(errors="replace").strip().splitlines() or ["(no output)"]
+            errors = [line for line in lines if re.match(r"\w+(Error|Exception|Exit)\b", line)]  # a traceback's end
+            raise RuntimeError(f"stepbench-job: the worker at {path} exited while starting: {(errors or lines)[-1]}")
         time.sleep(0.02)
     raise RuntimeError(f"stepbench-job: no worker answered at {path} within {START_TIMEOUT_S:.0f} s "
                        f"(see {path.with_suffix('.log')})")
@@ -212,7 +236,8 @@ class Worker:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         staging = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         staging.unlink(missing_ok=True)
-        listener.bind(str(staging))
+        with _socket_address(staging) as address:
+            listener.bind(address)
         listener.listen(1)
         self.path.with_suffix(".pid").write_text(str(os.getpid()))
         os.replace(staging, self.path)  # appears only once it accepts

@@ -39,7 +39,7 @@ CLUSTER_OPTIONS = ["--slurm-status-command", "squeue", "--slurm-no-account",
 # the profile gives every job that runs a network a GPU; this cluster has none
 NO_GPUS = ["--set-resources", *(f"{rule}:gpu=0" for rule in ("sample", "evaluate", "prepare", "reference",
                                                                "refstats", "extractor", "flops", "train"))]
-TIMINGS = {"wall_s", "peak_mem_mb", "network_s"}  # columns that differ between any two runs
+TIMINGS = {"wall_s", "peak_mem_mb", "network_s", "prep_s"}  # columns that differ between any two runs
 TIMING_METRICS = {"wall_s_per_sample", "peak_mem_mb"}
 MACHINE = {"device", "git"}  # the same here; listed so a cluster of other nodes would not fail the test
 

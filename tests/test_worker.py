@@ -162,3 +162,27 @@ def test_concurrent_gpu_jobs_get_distinct_devices(workspace):
                    "--num-samples", "4")
     assert "cuda_visible_devices" not in json.loads((where / "n" / "cell.json").read_text())["provenance"]
     assert without.returncode == 0
+
+
+def test_a_worker_directory_longer_than_a_unix_socket_address(workspace):
+    """Linux caps a socket's address at 107 bytes; a grid's directory (pytest's tmp dirs, a cluster's scratch) can be
+    longer. Workers there still serve jobs, the same worker twice (found in the kill test: every job failed)."""
+    where, env = workspace
+    deep = where / ("w" * 60) / ("x" * 60)
+    env = {**env, "STEPBENCH_WORKER_DIR": str(deep)}
+    assert len(os.fsencode(deep / f"{'0' * 16}-0.sock")) > 108
+    runs = [_job((where, env), *_sample("--out", out)) for out in ("long-a", "long-b")]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
+    pids = [record["pid"] for record in _ledger(where)]
+    assert len(pids) == 2 and pids[0] == pids[1]
+
+
+def test_a_worker_that_dies_starting_is_reported_at_once(workspace):
+    """Not after the start timeout (2 minutes), and with the worker's own last line."""
+    where, env = workspace
+    env = {**env, "STEPBENCH_WORKER_IDLE_S": "soon"}  # read by the worker only, once it listens
+    start = time.monotonic()
+    run = _job((where, env), *_sample("--out", "never"))
+    assert run.returncode != 0 and time.monotonic() - start < 60
+    assert "exited while starting: ValueError: could not convert string to float: 'soon'" in run.stderr, \
+        run.stderr[-2000:]
