@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from harness.errors import UnsupportedNFE
+from harness.errors import ConfigError, UnsupportedNFE, valid_names
 from harness.models.base import Denoiser
 from harness.noise import SampleNoise
 
@@ -26,6 +26,19 @@ class Sampler(ABC):
 
     def __init__(self, spec: dict):
         self.spec = spec
+
+    def procedure_and_params(self, procedures: dict) -> tuple[str, dict]:
+        """The entry's `procedure` and its `params`, for a family whose methods differ by procedure (student,
+        jacobi): `procedures` maps each procedure to the params it takes."""
+        procedure = self.spec.get("procedure")
+        if procedure not in procedures:
+            raise ConfigError(f"key 'procedure': {procedure!r} unknown{valid_names(procedure, procedures)}")
+        params = dict(self.spec.get("params") or {})
+        unknown = sorted(set(params) - set(procedures[procedure]))
+        if unknown:
+            raise ConfigError(f"key 'params.{unknown[0]}': unknown for procedure {procedure!r}"
+                              f"{valid_names(unknown[0], procedures[procedure])}")
+        return procedure, params
 
     def prepare(self, denoiser: Denoiser, nfe: int | None, calibration_seed: int) -> dict:
         """Compute the side data, drawing calibration noise as SampleNoise(calibration_seed, range(k))

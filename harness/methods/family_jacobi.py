@@ -52,15 +52,8 @@ class JacobiSampler(Sampler):
 
     def __init__(self, spec: dict):
         super().__init__(spec)
-        procedure = spec.get("procedure")
-        if procedure not in PROCEDURES:
-            raise ConfigError(f"key 'procedure': {procedure!r} unknown{valid_names(procedure, PROCEDURES)}")
+        procedure, params = self.procedure_and_params(PROCEDURES)
         self.procedure = procedure
-        params = spec.get("params") or {}
-        unknown = sorted(set(params) - set(PROCEDURES[procedure]))
-        if unknown:
-            raise ConfigError(f"key 'params.{unknown[0]}': unknown for procedure {procedure!r}"
-                              f"{valid_names(unknown[0], PROCEDURES[procedure])}")
         self.params = {k: params.get(k, DEFAULTS[k]) for k in PROCEDURES[procedure]}
         self._check_params()
         self.prepare_scope = "model" if procedure == "gs_jacobi" else None

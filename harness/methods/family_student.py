@@ -95,14 +95,7 @@ class StudentSampler(Sampler):
 
     def __init__(self, spec: dict):
         super().__init__(spec)
-        procedure = spec.get("procedure")
-        if procedure not in PROCEDURES:
-            raise ConfigError(f"key 'procedure': {procedure!r} unknown{valid_names(procedure, PROCEDURES)}")
-        params = dict(spec.get("params", {}))
-        unknown = sorted(set(params) - set(PROCEDURES[procedure]))
-        if unknown:
-            raise ConfigError(f"key 'params.{unknown[0]}': unknown for procedure {procedure!r}"
-                              f"{valid_names(unknown[0], PROCEDURES[procedure])}")
+        procedure, params = self.procedure_and_params(PROCEDURES)
         if len(params) > 1:
             raise ConfigError(f"key 'params': give one of {', '.join(PROCEDURES[procedure])}, not {', '.join(params)}")
         self.procedure = procedure
