@@ -38,6 +38,12 @@ def warmup_cosine(lr: float, min_lr: float, warmup_steps: int, steps: int):
     return factor
 
 
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, cfg: dict) -> torch.optim.lr_scheduler.LambdaLR:
+    """warmup_cosine over a training config's lr, min_lr, warmup_steps and steps, as the trainers use it."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["steps"]))
+
+
 def dataset_tensors(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """An embedded dataset as float32 images [N, C, H, W] in data space and int64 labels."""
     from harness.datasets import load_dataset

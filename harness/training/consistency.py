@@ -46,7 +46,7 @@ import torch
 from harness.errors import ConfigError, valid_names
 from harness.models.consistency import ConsistencyParametrisation
 from harness.schedules import make_process
-from harness.training.common import Batches, dataset_tensors, deterministic_cpu, ema_update, warmup_cosine
+from harness.training.common import Batches, dataset_tensors, deterministic_cpu, ema_update, warmup_cosine_schedule
 
 DEFAULTS = {
     "levels": 18,  # N: the Karras discretisation (18 for CIFAR-10 in Song et al.)
@@ -138,8 +138,7 @@ def distill(model_id: str, spec: dict, models: dict, cache_dir: Path, out: Path)
         target = copy.deepcopy(student).requires_grad_(False)
         ema = copy.deepcopy(student).requires_grad_(False)
         optimizer = torch.optim.Adam(student.parameters(), lr=cfg["lr"])
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["steps"]))
+        schedule = warmup_cosine_schedule(optimizer, cfg)
         batches = Batches(len(images), cfg["batch_size"], generator)
         bar = tqdm(total=cfg["steps"], desc=f"distil {model_id}", unit="step", mininterval=2.0)
         start, cpu_start = time.perf_counter(), time.process_time()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from harness.errors import ConfigError, valid_names
 from harness.schedules import make_process
-from harness.training.common import Batches, dataset_tensors, deterministic_cpu, ema_update, warmup_cosine
+from harness.training.common import Batches, dataset_tensors, deterministic_cpu, ema_update, warmup_cosine_schedule
 
 DEFAULTS = {
     "model": {"block_out_channels": [32, 64], "layers_per_block": 1, "attention": True, "norm_num_groups": 8},
@@ -87,8 +87,7 @@ def train_unet(model_id: str, spec: dict, models: dict, cache_dir: Path, out: Pa
         net = build_unet(cfg["model"], tuple(images.shape[1:]), num_classes)
         ema = copy.deepcopy(net).requires_grad_(False)
         optimizer = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["steps"]))
+        schedule = warmup_cosine_schedule(optimizer, cfg)
         batches = Batches(len(images), cfg["batch_size"], generator)
         bar = tqdm(total=cfg["steps"], desc=f"train {model_id}", unit="step", mininterval=2.0)
         for step in range(cfg["steps"]):

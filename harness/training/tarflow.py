@@ -20,7 +20,7 @@ import torch
 
 from harness.errors import ConfigError, valid_names
 from harness.models.tarflow import TarFlow
-from harness.training.common import deterministic_cpu, warmup_cosine
+from harness.training.common import deterministic_cpu, warmup_cosine_schedule
 
 # The embedded digits-tarflow: the sizing of issue 17's trial (patch 1, T = 64 tokens, 4 blocks x 2
 # layers, 64 channels). One thread: on the shared 2-core machine, 2 threads made a step 3-4x slower
@@ -60,7 +60,7 @@ def train(config: dict, images, labels, *, seed: int, progress: bool = True) -> 
         conditional = model.config.num_classes > 0
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.95),
                                       weight_decay=cfg["weight_decay"])
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg))
+        schedule = warmup_cosine_schedule(optimizer, cfg)  # the shape of apple's CosineLRSchedule
         order, cursor = torch.randperm(n, generator=gen), 0
         bar = tqdm(total=cfg["steps"], desc="train tarflow", unit="step", disable=not progress)
         t0 = time.perf_counter()
@@ -106,13 +106,6 @@ def _checked(config: dict) -> dict:
     if not 0 < cfg["min_lr"] <= cfg["lr"]:
         raise ConfigError("training config: need 0 < min_lr <= lr")
     return cfg
-
-
-def _warmup_cosine(cfg: dict):
-    """The shape of apple's CosineLRSchedule: linear warm-up, cosine decay to min_lr."""
-    return warmup_cosine(cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["steps"])
-
-
 
 
 def train_for_zoo(model_id: str, spec: dict, models: dict, cache_dir, out) -> dict:
