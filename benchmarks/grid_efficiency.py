@@ -129,7 +129,14 @@ def main() -> None:
             baseline = scratch / "baseline"
             subprocess.run(["git", "clone", "-q", str(REPO), str(baseline)], check=True)
             subprocess.run(["git", "checkout", "-q", args.baseline_rev], cwd=baseline, check=True)
-            baseline_wall = run_grid(baseline, args.cores, configfile, env)
+            # this venv's editable install points at the current checkout: PYTHONPATH puts the baseline's own
+            # harness first, for the Snakefile and for every `stepbench` job it starts
+            baseline_env = {**env, "PYTHONPATH": str(baseline)}
+            found = subprocess.run([sys.executable, "-c", "import harness; print(harness.__file__)"], cwd=scratch,
+                                   env=baseline_env, capture_output=True, text=True, check=True).stdout.strip()
+            if not found.startswith(str(baseline)):
+                sys.exit(f"the baseline would import harness from {found}, not from its clone {baseline}")
+            baseline_wall = run_grid(baseline, args.cores, configfile, baseline_env)
             print(f"baseline_wall_s={baseline_wall:.1f} (revision {args.baseline_rev})")
             print(f"wall_ratio_vs_baseline={wall / baseline_wall:.3f}")
         print(f"grid_efficiency={sum(useful.values()) / (wall * args.cores):.3f}")

@@ -185,11 +185,12 @@ class NetworkDenoiser(Denoiser):
         outs = []
         for start in range(0, len(x_t), self.chunk):
             rows = slice(start, start + self.chunk)
-            xs, ts, cs = x_t[rows], t[rows], None if cond is None else cond[rows]
+            xs, ts, cs = x_t[rows], t[rows], condition_rows(cond, rows)
             pad = self.chunk - len(xs)
             if pad:  # repeat the chunk's first row: a valid input, and its outputs are dropped
-                xs, ts = torch.cat([xs, xs[:1].expand(pad, *xs.shape[1:])]), torch.cat([ts, ts[:1].expand(pad)])
-                cs = None if cs is None else torch.cat([cs, cs[:1].expand(pad, *cs.shape[1:])])
+                first = [0] * pad
+                xs, ts = torch.cat([xs, xs[first]]), torch.cat([ts, ts[first]])
+                cs = concat_conditions([cs, condition_rows(cs, first)])  # a tensor or a dict of them
             outs.append(self.net(xs, ts, cs)[: len(xs) - pad])
         return torch.cat(outs)
 
