@@ -95,7 +95,9 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="stepbench-grid-"))
     configfile = args.configfile.resolve() if args.configfile else None
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # a fresh machine's caches: torch.compile's (inductor) and harness.noise_native's build start empty
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor-cache"), "STEPBENCH_NATIVE_CACHE": str(scratch / "native")}
     env.pop("STEPBENCH_WORKERS", None)
     try:
         checkout = scratch / "current"

@@ -7,9 +7,10 @@ Contenders, each producing the float32 [samples, elements] draw on the device:
 - per_sample: the previous harness.noise, reproduced here: one CPU torch.Generator per sample, seeded
   from (seed, i) through numpy's SeedSequence, each row filled by its own generator, then moved to the
   device;
-- eager, compiled: harness.noise.draw on either path (the same numbers);
-- default: what a sampling job gets from SampleNoise, eager until its draws have cost about a compile
-  (COMPILE_AFTER_EAGER_SECONDS), so eager for all but the largest jobs.
+- eager, compiled, native: harness.noise.draw on each path (the same numbers); native is harness.noise_native's
+  C loop, on a CPU where it builds;
+- default: what a sampling job gets from SampleNoise: on a CPU the native loop where it builds, else (and on
+  CUDA) eager until its draws have cost about a compile (COMPILE_AFTER_EAGER_SECONDS), then compiled.
 A stochastic sampler draws many times from one SampleNoise (`later draw` rows); a deterministic one draws
 once per batch, right after building it (`first draw`: construction included, where the per-sample
 generators pay numpy's SeedSequence per sample). Sizes: digits-like 250 x 64 and CIFAR-like 500 x 3072, at
@@ -28,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from harness import noise
+from harness import noise, noise_native
 from harness.noise import SampleNoise
 
 SIZES = {"digits": (250, 64), "cifar": (500, 3072)}
@@ -61,8 +62,9 @@ def contenders(samples: int, elements: int, device: torch.device) -> dict:
         "randn": lambda: out.normal_(generator=one),
         "per_sample later draw": lambda: per_sample_draw(generators, elements, device),
         "per_sample first draw": lambda: per_sample_draw(per_sample_generators(SEED, indices), elements, device),
-        "eager": lambda: noise.draw(keys, index, 1, elements, compiled=False),
-        "compiled": lambda: noise.draw(keys, index, 1, elements, compiled=True),
+        "eager": lambda: noise.draw(keys, index, 1, elements, path="eager"),
+        "compiled": lambda: noise.draw(keys, index, 1, elements, path="compiled"),
+        **({"native": lambda: noise.draw(keys, index, 1, elements, path="native")} if noise_native.available() else {}),
         "default later draw": lambda: kept.randn((elements,), dtype=torch.float32),
         "default first draw": lambda: SampleNoise(SEED, indices, device=device).randn((elements,), dtype=torch.float32),
     }
@@ -113,6 +115,9 @@ def main() -> None:
                     f"compiled_vs_randn_{device.type}": rate["compiled"] / rate["randn"],
                     f"eager_vs_randn_{device.type}": rate["eager"] / rate["randn"],
                     f"compiled_vs_per_sample_{device.type}": rate["compiled"] / rate["per_sample later draw"],
+                    **({f"native_vs_randn_{device.type}": rate["native"] / rate["randn"],
+                        f"native_vs_per_sample_{device.type}": rate["native"] / rate["per_sample later draw"]}
+                       if "native" in rate else {}),
                     f"default_vs_per_sample_{device.type}_first_draw": rate["default first draw"]
                     / rate["per_sample first draw"],
                     f"default_vs_per_sample_{device.type}": rate["default later draw"] / rate["per_sample later draw"],
@@ -121,7 +126,7 @@ def main() -> None:
     print("\nratios of normals/s per size/threads; the last lines: the worst of them")
     for key, values in summary.items():
         print(f"{key}: " + "  ".join(f"{where}={value:.2f}" for value, where in values))
-    for key in [k for k in summary if k.startswith(("compiled_vs_randn", "default_vs_per_sample"))]:
+    for key in [k for k in summary if k.startswith(("compiled_vs_randn", "native_vs_randn", "default_vs_per_sample"))]:
         value, where = min(summary[key])
         print(f"{key}={value:.2f}  (worst: {where})")
 

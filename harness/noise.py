@@ -38,12 +38,15 @@ cos and sin within 2^-29, so |z - exact| < 2^-26 (1/8 float32 ulp at |z| = 1; te
 against N(0, 1) on 10^6 draws, correlations between neighbouring samples, draws and elements, and that
 distinct (seed, i) and (seed, i, draw) give distinct streams.
 
-Cost (benchmarks/noise_throughput.py, one CPU thread, 500 x 3072): compiled about 0.6x torch.randn's
-normals/s and 0.7x the per-sample torch.Generators this module used before; eager about 0.06x torch.randn
-(~160 elementwise torch ops, ~0.35 ms of dispatch per draw). At digits size (250 x 64) eager's first draw
-of a batch is 3x faster than the old one (no SeedSequence per sample), its later draws 0.4x. Draws run
-eagerly until they have cost about what compiling does (COMPILE_AFTER_EAGER_SECONDS), then compiled, so
-torch._dynamo is imported only by processes that draw a lot.
+Paths, all giving these numbers (tests/test_noise.py checks them byte for byte):
+- native (harness.noise_native): the definition as one C loop, built once per machine by the system's C
+  compiler, vectorised (AVX-512/AVX2 chosen at load). The default on a CPU wherever it builds.
+- eager: plain torch ops, ~160 of them per draw (~0.35 ms of dispatch per draw, a memory pass per op).
+- compiled: torch.compile of the same function (C++ on CPU, Triton on CUDA). On CUDA the default switches to it
+  once eager draws have cost about a compile (ski rental, below); on a CPU without a C compiler likewise.
+Cost (benchmarks/noise_throughput.py, one CPU thread, normals/s against torch.randn on one generator): native
+1.4x at digits size (250 x 64) and 1.7x at CIFAR size (500 x 3072); torch.compile 0.2x and 1.3x (its guards and
+wrapper dominate small draws); eager 0.05x and 0.09x.
 """
 
 from __future__ import annotations
@@ -250,8 +253,24 @@ def _run_eager(rows: torch.Tensor, numel: int, keys: torch.Tensor) -> torch.Tens
     return torch.cat([standard_normals(rows[s:s + step], numel, keys, *tables) for s in range(0, len(rows), step)])
 
 
+def _run_native(rows: torch.Tensor, numel: int, keys: torch.Tensor) -> torch.Tensor:
+    from harness import noise_native
+
+    if not noise_native.available():
+        raise RuntimeError("harness.noise_native is not available here (no C compiler, or STEPBENCH_NATIVE_NOISE=0)")
+    return noise_native.standard_normals(rows, numel, tuple(keys.tolist()))
+
+
+def _native_available(device: torch.device) -> bool:
+    from harness import noise_native
+
+    return device.type == "cpu" and noise_native.available()
+
+
 def _run_cheapest(rows: torch.Tensor, numel: int, keys: torch.Tensor) -> torch.Tensor:
     global _eager_seconds, _compiled_failed
+    if _native_available(rows.device):  # the C loop: cheapest at every size on a CPU (noise_throughput.py)
+        return _run_native(rows, numel, keys)
     if not _compiled_failed and (_compiled_built or _eager_seconds >= COMPILE_AFTER_EAGER_SECONDS):
         try:
             return _run_compiled(rows, numel, keys)
@@ -264,10 +283,14 @@ def _run_cheapest(rows: torch.Tensor, numel: int, keys: torch.Tensor) -> torch.T
     return out
 
 
+PATHS = {"eager": _run_eager, "compiled": _run_compiled, "native": _run_native}
+
+
 def draw(keys: torch.Tensor, indices: torch.Tensor, draw_index: int, per_sample: int,
-         compiled: bool | None = None) -> torch.Tensor:
+         path: str | None = None) -> torch.Tensor:
     """float32 [len(indices), per_sample]: draw `draw_index` of the samples `indices` (int64) under keys
-    (k1, k2) (int64), both on the device. `compiled` forces a path (tests, benchmarks); None: the cheaper."""
+    (k1, k2) (int64), both on the device. `path` forces one of PATHS (tests, benchmarks); None: the cheapest
+    (native C on a CPU where it builds, else eager until compiling pays)."""
     if not 0 <= draw_index < 1 << DRAW_BITS:
         raise ValueError(f"draw index {draw_index} out of range: a sample has at most {1 << DRAW_BITS} draws")
     if per_sample > 2 << PAIR_BITS:
@@ -275,7 +298,7 @@ def draw(keys: torch.Tensor, indices: torch.Tensor, draw_index: int, per_sample:
     if len(indices) == 0 or per_sample == 0:
         return torch.empty((len(indices), per_sample), dtype=torch.float32, device=indices.device)
     rows = (indices << (DRAW_BITS + PAIR_BITS)) | (draw_index << PAIR_BITS)
-    run = _run_cheapest if compiled is None else _run_compiled if compiled else _run_eager
+    run = _run_cheapest if path is None else PATHS[path]
     return run(rows, per_sample, keys)
 
 

@@ -188,14 +188,54 @@ def test_distinct_seeds_samples_and_draws_give_distinct_streams():
 
 def test_eager_and_compiled_are_byte_identical_on_a_large_draw():
     keys, index = torch.tensor(noise.seed_keys(7)), torch.arange(100, 751)  # 651 x 3071: 2M, odd both ways
-    eager = noise.draw(keys, index, 2, 3071, compiled=False)
-    compiled = noise.draw(keys, index, 2, 3071, compiled=True)
+    eager = noise.draw(keys, index, 2, 3071, path="eager")
+    compiled = noise.draw(keys, index, 2, 3071, path="compiled")
     assert bits(eager) == bits(compiled)
     for rows in (slice(0, 1), slice(3, 10), slice(5, 69)):  # batches of 1, 7, 64 on the compiled path
-        assert bits(noise.draw(keys, index[rows], 2, 3071, compiled=True)) == bits(eager[rows])
+        assert bits(noise.draw(keys, index[rows], 2, 3071, path="compiled")) == bits(eager[rows])
+
+
+def test_native_and_eager_are_byte_identical(monkeypatch):
+    from harness import noise_native
+
+    if not noise_native.available():
+        pytest.skip("harness.noise_native did not build here (no C compiler?): the default path draws through torch")
+    keys, index = torch.tensor(noise.seed_keys(7)), torch.arange(100, 751)  # 651 x 3071: 2M, odd both ways
+    eager = noise.draw(keys, index, 2, 3071, path="eager")
+    monkeypatch.setattr(noise_native, "PAIRS_PER_THREAD", 1 << 12)  # split across threads, unevenly
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        native = noise.draw(keys, index, 2, 3071, path="native")
+    finally:
+        torch.set_num_threads(threads)
+    assert bits(native) == bits(eager)
+    for rows in (slice(0, 1), slice(3, 10), slice(5, 69)):  # batches of 1, 7, 64
+        assert bits(noise.draw(keys, index[rows], 2, 3071, path="native")) == bits(eager[rows])
+    for numel in (1, 2, 63, 64):  # the last sin left out for odd sizes
+        assert bits(noise.draw(keys, index[:9], 5, numel, path="native")) == bits(
+            noise.draw(keys, index[:9], 5, numel, path="eager"))
+    # what a sampling job gets by default on a CPU
+    assert bits(SampleNoise(7, range(100, 110)).randn((3071,), dtype=torch.float32)) == bits(
+        noise.draw(keys, index[:10], 0, 3071, path="eager"))
+
+
+def test_without_a_c_compiler_the_default_path_draws_through_torch(monkeypatch):
+    from harness import noise_native
+
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("STEPBENCH_NATIVE_CACHE", "/nonexistent-dir-for-the-test")
+    noise_native._library.cache_clear()
+    try:
+        assert not noise_native.available()
+        got = SampleNoise(3, range(5)).randn((6,))
+    finally:
+        noise_native._library.cache_clear()
+    assert bits(got) == bits(noise.draw(torch.tensor(noise.seed_keys(3)), torch.arange(5), 0, 6, path="eager"))
 
 
 def test_draws_switch_to_compiled_once_eager_has_cost_as_much(monkeypatch):
+    monkeypatch.setattr(noise, "_native_available", lambda device: False)  # the torch paths' choice
     calls = []
     monkeypatch.setattr(noise, "_run_compiled", lambda *args: calls.append("compiled") or noise._run_eager(*args))
     monkeypatch.setattr(noise, "_compiled_failed", False)
@@ -214,6 +254,7 @@ def test_a_failing_compile_falls_back_to_the_same_numbers(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(noise, "_run_compiled", broken)
+    monkeypatch.setattr(noise, "_native_available", lambda device: False)
     monkeypatch.setattr(noise, "_compiled_failed", False)
     monkeypatch.setattr(noise, "_compiled_built", False)
     monkeypatch.setattr(noise, "COMPILE_AFTER_EAGER_SECONDS", 0.0)
@@ -222,7 +263,7 @@ def test_a_failing_compile_falls_back_to_the_same_numbers(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         SampleNoise(3, range(5)).randn((6,))
-    assert bits(got) == bits(noise.draw(torch.tensor(noise.seed_keys(3)), torch.arange(5), 0, 6, compiled=False))
+    assert bits(got) == bits(noise.draw(torch.tensor(noise.seed_keys(3)), torch.arange(5), 0, 6, path="eager"))
 
 
 def test_drawing_a_small_model_s_noise_does_not_import_dynamo():
@@ -236,8 +277,8 @@ def test_drawing_a_small_model_s_noise_does_not_import_dynamo():
 @pytest.mark.parametrize("compiled", [False, True])
 def test_cuda_equals_cpu(compiled):
     keys, index = noise.seed_keys(11), torch.arange(300, 813)  # 513 x 3 x 33 x 33
-    cpu = noise.draw(torch.tensor(keys), index, 4, 3267, compiled=False)
-    cuda = noise.draw(torch.tensor(keys, device="cuda"), index.cuda(), 4, 3267, compiled=compiled)
+    cpu = noise.draw(torch.tensor(keys), index, 4, 3267, path="eager")
+    cuda = noise.draw(torch.tensor(keys, device="cuda"), index.cuda(), 4, 3267, path="compiled" if compiled else "eager")
     assert bits(cpu) == bits(cuda)
     for shape in SHAPES:
         for a, b in zip(batched(5, 64, 7, shape), batched(5, 64, 64, shape, device="cuda")):
