@@ -165,12 +165,20 @@ class RectifiedFlow(NoiseProcess):
     """x_t = (1 - t) x0 + t eps (flow matching); sigma~ = t / (1 - t).
 
     The scaled variables are singular at t = 1, so sampling starts at t_max < 1 (default 1 - 1e-4).
+
+    `shift` is the timestep shift the model was trained and is sampled with (diffusers' FlowMatch schedulers'
+    `shift`; SD3: 3.0). It does not change the ODE, and the time steps are a method's schedule (flow_shift states
+    its own shift); it is part of what the entry says about the model, recorded with the process and checked
+    against a checkpoint's scheduler config, as a DDPM model's betas are.
     """
 
     kind = "rectified_flow"
 
-    def __init__(self, t_min=1e-4, t_max=1 - 1e-4):
+    def __init__(self, t_min=1e-4, t_max=1 - 1e-4, shift=1.0):
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+            raise ConfigError(f"process rectified_flow: shift must be a positive number; got {shift!r}")
         self._range = (float(t_min), float(t_max))
+        self.shift = float(shift)
 
     def sigma(self, t):
         t = np.asarray(t, dtype=np.float64)
@@ -186,6 +194,9 @@ class RectifiedFlow(NoiseProcess):
     @property
     def t_range(self):
         return self._range
+
+    def describe(self) -> dict:
+        return {**super().describe(), "shift": self.shift}
 
 
 PROCESSES: dict[str, Callable[..., NoiseProcess]] = {

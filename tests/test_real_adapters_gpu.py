@@ -11,6 +11,8 @@ from test_diffusers_dit import dit_folder  # noqa: E402,F401  (fixture)
 from test_diffusers_dit import spec as dit_spec  # noqa: E402
 from test_diffusers_sd import sd_folder  # noqa: E402,F401  (fixture)
 from test_diffusers_sd import spec as sd_spec  # noqa: E402
+from test_diffusers_sd3 import sd3_folder  # noqa: E402,F401  (fixture)
+from test_diffusers_sd3 import spec as sd3_spec  # noqa: E402
 
 from harness.guidance import guided  # noqa: E402
 from harness.methods.solvers import dpmpp_2m  # noqa: E402
@@ -33,10 +35,11 @@ def guided_samples(entry, device, dtype, cond_of):
         return denoiser.decode(z0).float().cpu()
 
 
-@pytest.mark.parametrize("kind", ["sd", "dit"])
+@pytest.mark.parametrize("kind", ["sd", "sd3", "dit"])
 def test_fp16_on_cuda_agrees_with_fp32_on_cpu(kind, request):
-    if kind == "sd":
-        entry, cond_of = sd_spec(request.getfixturevalue("sd_folder")), lambda d: d.conditions(0, range(4))
+    if kind in ("sd", "sd3"):
+        entry = (sd_spec if kind == "sd" else sd3_spec)(request.getfixturevalue(f"{kind}_folder"))
+        cond_of = lambda d: d.conditions(0, range(4))  # noqa: E731
     else:
         entry = dit_spec(request.getfixturevalue("dit_folder"))
         cond_of = lambda d: torch.tensor([1, 2, 3, 4], device=d.info.device)  # noqa: E731

@@ -19,7 +19,7 @@ import torch
 
 from harness.errors import ConfigError, UnsupportedNFE
 from harness.methods.base import Sampler
-from harness.models.base import Denoiser, WrappedDenoiser
+from harness.models.base import Denoiser, WrappedDenoiser, condition_rows
 
 
 class StitchedDenoiser(WrappedDenoiser):
@@ -47,7 +47,7 @@ class StitchedDenoiser(WrappedDenoiser):
             return self.large.denoise(x, sigma, cond)
         out = torch.empty_like(x)
         for mask, model in ((small, self.small), (~small, self.large)):
-            out[mask] = model.denoise(x[mask], sigma[mask], None if cond is None else cond[mask])
+            out[mask] = model.denoise(x[mask], sigma[mask], condition_rows(cond, mask))  # a text model's: a dict
         return out
 
 

@@ -139,6 +139,11 @@ def condition_rows(cond: Any, rows) -> Any:
     return cond[rows]
 
 
+def condition_length(cond: Any) -> int:
+    """The rows of a condition: a tensor's, or those its dict's tensors share."""
+    return len(next(iter(cond.values()))) if isinstance(cond, dict) else len(cond)
+
+
 def concat_conditions(conds: list) -> Any:
     if conds[0] is None:
         return None

@@ -201,3 +201,16 @@ def load_module(checkpoint: Checkpoint, subfolder: str | None, cls, dtype, **kwa
                           f"{cls.__name__} config: {', '.join(parts)} weights; refusing to sample a partly random "
                           f"network")
     return model.eval()
+
+
+def load_tokenizer(checkpoint: Checkpoint, subfolder: str, cls):
+    """cls.from_pretrained on a tokenizer folder of the checkpoint, from local files; one line if it cannot be read."""
+    folder = checkpoint.folder(subfolder)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{checkpoint.adapter}: {cls.__name__} cannot be loaded from {checkpoint.where(subfolder)}: "
+                          f"{first}") from None

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from harness.errors import ConfigError
-from harness.models.base import DenoiserInfo, NetworkDenoiser
-from harness.models.checkpoint import load_module, locate
+from harness.models.base import DenoiserInfo, NetworkDenoiser, condition_length, condition_rows
+from harness.models.checkpoint import load_module, load_tokenizer, locate
 from harness.models.diffusers_unet import _check_process, _dtype, _prediction
 from harness.schedules import make_process
 
@@ -54,7 +54,7 @@ class StableDiffusion(NetworkDenoiser):
         unet = load_module(checkpoint, "unet", UNet2DConditionModel, dtype).to(device)
         vae = load_module(checkpoint, "vae", AutoencoderKL, dtype).to(device)
         text_encoder = load_module(checkpoint, "text_encoder", CLIPTextModel, dtype).to(device)
-        tokenizer = CLIPTokenizer.from_pretrained(str(checkpoint.root), subfolder="tokenizer", local_files_only=True)
+        tokenizer = load_tokenizer(checkpoint, "tokenizer", CLIPTokenizer)
         size = unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         info = DenoiserInfo(
@@ -95,8 +95,8 @@ class StableDiffusion(NetworkDenoiser):
 
         which = prompt_indices(indices, len(self.prompts))
         distinct, rows = np.unique(which, return_inverse=True)  # each caption of the batch encoded once
-        embeddings = self.encode([self.prompts[k] for k in distinct])
-        return embeddings[torch.as_tensor(rows, device=embeddings.device)]
+        embeddings = self.encode([self.prompts[k] for k in distinct])  # a tensor, or a dict of them (SD3)
+        return condition_rows(embeddings, torch.as_tensor(rows, device=self.info.device))
 
     def condition_record(self, seed, num_samples):
         from harness.metrics.text_alignment import prompt_indices
@@ -106,7 +106,7 @@ class StableDiffusion(NetworkDenoiser):
     def null_condition(self, cond):
         if self._null is None:
             self._null = self.encode([""])
-        return self._null.expand(len(cond), *self._null.shape[1:])
+        return condition_rows(self._null, [0] * condition_length(cond))
 
     # ---- latents to images ----
 
@@ -125,24 +125,35 @@ def vae_decode(vae, z0: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.T
 
 def _setup(spec: dict):
     """(checkpoint, process, prediction, prompts) from the config files and the prompt file alone."""
+    checkpoint, process, scheduler_config, prompts = check_text_pipeline(spec, "diffusers_sd", PIPELINES, PARTS,
+                                                                          ("tokenizer",), FILES)
+    _check_process(checkpoint.source, process, scheduler_config)
+    prediction = _prediction(checkpoint.source, scheduler_config, spec.get("params", {}).get("prediction"))
+    return checkpoint, process, prediction, prompts
+
+
+def check_text_pipeline(spec: dict, adapter: str, pipelines: set[str], parts: dict[str, set[str]],
+                        tokenizers: tuple[str, ...], files: list[str]):
+    """The planning checks every text-to-image pipeline adapter makes, from config files and the prompt file:
+    the folder is one of `pipelines`, each of `parts` (subfolder -> classes) has its class and safetensors weights,
+    the tokenizer folders exist, the entry gives prompts (not classes). (checkpoint, process, scheduler config,
+    prompts); the adapter checks the process against the scheduler config."""
     from harness.metrics.text_alignment import load_prompts
 
-    params = spec.get("params", {})
-    checkpoint = locate(spec, "diffusers_sd", FILES)
-    _dtype(params.get("dtype", "float32"))
-    index = checkpoint.check_pipeline(PIPELINES)
-    if index is None:
-        raise ConfigError(f"diffusers_sd: {checkpoint.source} has no model_index.json; it needs a "
-                          f"StableDiffusionPipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-    for part, classes in PARTS.items():
+    checkpoint = locate(spec, adapter, files)
+    _dtype(spec.get("params", {}).get("dtype", "float32"))
+    if checkpoint.check_pipeline(pipelines) is None:
+        layout = ", ".join(f"{folder}/" for folder in (*parts, *tokenizers, "scheduler"))
+        raise ConfigError(f"{adapter}: {checkpoint.source} has no model_index.json; it needs a "
+                          f"{' or '.join(sorted(pipelines))} folder ({layout})")
+    for part, classes in parts.items():
         checkpoint.check_class(part, classes)
         checkpoint.weights(part)
-    checkpoint.folder("tokenizer")
+    for folder in tokenizers:
+        checkpoint.folder(folder)
     if spec.get("classes"):
-        raise ConfigError(f"diffusers_sd: {checkpoint.source} is text-conditional; its entry takes `prompts`, "
+        raise ConfigError(f"{adapter}: {checkpoint.source} is text-conditional; its entry takes `prompts`, "
                           f"not `classes`")
     prompts = load_prompts(checkpoint.source, spec)
     scheduler_config = checkpoint.config("scheduler", "scheduler_config.json")
-    process = make_process(spec["process"])
-    _check_process(checkpoint.source, process, scheduler_config)
-    return checkpoint, process, _prediction(checkpoint.source, scheduler_config, params.get("prediction")), prompts
+    return checkpoint, make_process(spec["process"]), scheduler_config, prompts
