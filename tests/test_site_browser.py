@@ -1,5 +1,8 @@
-"""The leaderboard site in a real browser: a small grid (gmm2d + digits-ideal, four methods, three NFEs) sampled
-and evaluated with the real code, rendered, and opened in headless Chromium through the DevTools protocol.
+"""The leaderboard site in a real browser, opened in headless Chromium through the DevTools protocol:
+- a small grid (gmm2d + digits-ideal, four methods, three NFEs) sampled and evaluated with the real code, with
+  markup in its configs (injection) and exact sorting checks;
+- the default grid's own report, rendered afresh from its results (those `snakemake --cores all` left in this
+  checkout, else a run in a scratch copy): every page loads clean, every table has a row per method of the grid.
 
 Skips, saying why, where Chromium is absent (.ci/run installs Debian's `chromium`).
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -157,3 +161,121 @@ def test_site_files_and_script_data_escaped(site):
     assert len(list((site / "thumbs").glob("*digits-ideal*__grid.png"))) == (len(METHODS) - 1) * len(NFES) + 1
     rows = json.loads((site / "results.json").read_text())
     assert len(rows) == len((site / "results.csv").read_text().strip().splitlines()) - 1
+
+
+# ---- the default grid's own report ----
+
+DEFAULT_GRID = REPO / "profiles" / "default" / "grid.yaml"
+
+
+def _default_grid_results(tmp_path_factory) -> Path:
+    """The default grid's results/: this checkout's, where `snakemake --cores all` (the README's first command,
+    which .ci/run runs before pytest) has left nothing to do; else the grid runs in a scratch copy (about 11
+    minutes on 2 cores), so the test never reads a partial or stale grid."""
+    import subprocess
+    import sys
+
+    snakemake = str(Path(sys.executable).parent / "snakemake")
+    dry = subprocess.run([snakemake, "--cores", "1", "--dry-run"], cwd=REPO, capture_output=True, text=True)
+    if dry.returncode == 0 and _rules_to_run(dry.stdout) <= {"report", "all"}:  # every cell done; we render
+        return REPO / "results"
+    scratch = tmp_path_factory.mktemp("default-grid")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, scratch / name)
+    print(f"the default grid is not complete in {REPO}: running it in {scratch}", flush=True)
+    subprocess.run([snakemake, "--cores", "all"], cwd=scratch, check=True)
+    return scratch / "results"
+
+
+def _rules_to_run(dry_run: str) -> set[str]:
+    """The rules in a Snakemake dry run's job stats (none when it says there is nothing to be done)."""
+    if "Nothing to be done" in dry_run:
+        return set()
+    if "Job stats:" not in dry_run:
+        return {"unknown"}
+    rules = set()
+    for line in dry_run.rsplit("Job stats:", 1)[1].splitlines()[3:]:  # after the header and its rule
+        if not line.strip() or line.startswith("total"):
+            break
+        rules.add(line.split()[0])
+    return rules
+
+
+@pytest.fixture(scope="module")
+def default_site(tmp_path_factory):
+    """(site folder, the default grid's cells): its report rendered afresh from its results."""
+    results = _default_grid_results(tmp_path_factory)
+    out = tmp_path_factory.mktemp("default-site")
+    render_report(results, out, DEFAULT_GRID, REPO / "models.yaml", REPO / "methods.yaml")
+    grid = yaml.safe_load(DEFAULT_GRID.read_text())
+    return out, expand_grid(grid, load_models(REPO / "models.yaml"), load_methods(REPO / "methods.yaml"))
+
+
+def test_default_grid_has_an_overview_plots_with_pareto_fronts_and_thumbnails_for_every_model(default_site):
+    site, cells = default_site
+    models = yaml.safe_load((REPO / "models.yaml").read_text())
+    assert (site / "index.html").stat().st_size > 10_000
+    for model in dict.fromkeys(c.model for c in cells):
+        assert (site / "models" / f"{model}.html").exists(), model
+        plots = list((site / "plots").glob(f"{model}__*__nfe.svg"))
+        assert plots and all("Pareto front" in p.read_text() for p in plots), model
+        if models[model].get("dataset") or models[model].get("train"):  # image models: a grid per cell
+            thumbs = list((site / "thumbs").glob(f"cells_{model}_*__grid.png"))
+            ok_cells = [c for c in cells if c.model == model and c.supported]
+            assert len(thumbs) >= len(ok_cells) > 0, model
+
+
+@needs_chromium
+def test_default_grid_report_in_the_browser(default_site, browser, tmp_path):
+    from harness.report.site import slug
+
+    site, cells = default_site
+    models = list(dict.fromkeys(c.model for c in cells))
+    pages = [site / "index.html", *(site / "models" / f"{m}.html" for m in models)]
+    for page in pages:
+        _open(browser, page)
+        browser.screenshot(tmp_path / f"default-{page.stem}.png")
+        assert (tmp_path / f"default-{page.stem}.png").stat().st_size > 10_000
+
+    for model in models:
+        # one table per metric and guidance scale, with a row per method the grid gives that scale
+        expected = {}
+        for c in cells:
+            if c.model == model:
+                name = model if c.guidance == 1 else f"{model} (guidance {c.guidance:g})"
+                expected.setdefault(name, set()).add(c.method)
+        _open(browser, site / "models" / f"{model}.html")
+        tables = browser.eval("Array.from(document.querySelectorAll('table[data-metric]')).map("
+                              "t => [t.id, t.querySelectorAll('tbody tr').length])")
+        assert tables, model
+        for name, methods in expected.items():
+            prefix = f"table-{slug(name + '--')}"
+            ours = [(table_id, rows) for table_id, rows in tables if table_id.startswith(prefix)]
+            assert ours, (model, name)
+            assert {rows for _, rows in ours} == {len(methods)}, (model, name, ours)
+
+    _open(browser, site / "models" / "digits-unet.html")
+    table = f"#table-{slug('digits-unet--fid')}"
+    headers = browser.eval(f"Array.from(document.querySelectorAll('{table} thead th')).map(t => t.textContent)")
+    column = headers.index("8 ↓") + 1
+    browser.click(f"{table} thead th:nth-child({column})")
+    values = [v for v in _column(browser, table, column - 1)]
+    numbers = [float(v) for v in values if v]
+    assert len(numbers) > 5 and numbers == sorted(numbers) and all(v for v in values[:len(numbers)])
+    browser.screenshot(tmp_path / "default-sorted.png")
+    total = browser.eval(f"document.querySelectorAll('{table} tbody tr').length")
+    browser.type_into("#filter-name", "dpmpp")
+    visible = browser.eval(f"Array.from(document.querySelectorAll('{table} tbody tr')).filter(r => !r.hidden)"
+                           ".map(r => r.dataset.method)")
+    assert visible and len(visible) < total and all("dpmpp" in m for m in visible)
+    browser.screenshot(tmp_path / "default-filtered.png")
+
+    _open(browser, site / "models" / "digits-ideal.html")
+    grids = browser.eval("Array.from(document.querySelectorAll('img.thumb-grid')).map(i => [i.complete, i.naturalWidth])")
+    ideal_cells = [c for c in cells if c.model == "digits-ideal" and c.supported]
+    assert len(grids) == len(ideal_cells) and all(complete and width > 100 for complete, width in grids)
+    browser.screenshot(tmp_path / "default-digits-ideal.png")
