@@ -45,8 +45,9 @@ Paths, all giving these numbers (tests/test_noise.py checks them byte for byte):
 - compiled: torch.compile of the same function (C++ on CPU, Triton on CUDA). On CUDA the default switches to it
   once eager draws have cost about a compile (ski rental, below); on a CPU without a C compiler likewise.
 Cost (benchmarks/noise_throughput.py, one CPU thread, normals/s against torch.randn on one generator): native
-1.4x at digits size (250 x 64) and 1.7x at CIFAR size (500 x 3072); torch.compile 0.2x and 1.3x (its guards and
-wrapper dominate small draws); eager 0.05x and 0.09x.
+0.85x (on a loaded machine; 1.4x quiet) at digits size (250 x 64) and 1.7x at CIFAR size (500 x 3072), 1.9x the
+old per-sample generators or more; torch.compile 0.24x and 1.3x (its guards and wrapper dominate small draws);
+eager 0.06x and 0.09x.
 """
 
 from __future__ import annotations
