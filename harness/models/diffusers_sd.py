@@ -34,8 +34,16 @@ PIPELINES = {"StableDiffusionPipeline"}
 PARTS = {"unet": {"UNet2DConditionModel"}, "vae": {"AutoencoderKL"}, "text_encoder": {"CLIPTextModel"}}
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
            "text_encoder": "model.safetensors"}
-FILES = ["model_index.json", "scheduler/*", "tokenizer/*"] + [f"{part}/{name}" for part in PARTS
-                                                             for name in ("config.json", WEIGHTS[part])]
+
+
+def pipeline_files(weights: dict[str, str]) -> list[str]:
+    """The files a text pipeline adapter reads, for the `hf download` line of an offline error: the index, the
+    scheduler and tokenizer folders, each part's config and its weights file (`weights`: part -> file name)."""
+    return ["model_index.json", "scheduler/*", "tokenizer/*"] + [f"{part}/{name}" for part, file in weights.items()
+                                                                 for name in ("config.json", file)]
+
+
+FILES = pipeline_files(WEIGHTS)
 
 
 class StableDiffusion(NetworkDenoiser):
@@ -124,22 +132,29 @@ def vae_decode(vae, z0: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.T
 
 
 def _setup(spec: dict):
-    """(checkpoint, process, prediction, prompts) from the config files and the prompt file alone."""
+    return text_pipeline_setup(spec, "diffusers_sd", PIPELINES, PARTS, FILES)
+
+
+def text_pipeline_setup(spec: dict, adapter: str, pipelines: set[str], parts: dict[str, set[str]], files: list[str]):
+    """(checkpoint, process, prediction, prompts) of a text-conditional pipeline folder from its config files and
+    the prompt file alone: the folder is one of `pipelines`, each of `parts` (subfolder -> classes) has a supported
+    class and safetensors weights, a tokenizer/ is there, and models.yaml's process agrees with the scheduler."""
     from harness.metrics.text_alignment import load_prompts
 
     params = spec.get("params", {})
-    checkpoint = locate(spec, "diffusers_sd", FILES)
+    checkpoint = locate(spec, adapter, files)
     _dtype(params.get("dtype", "float32"))
-    index = checkpoint.check_pipeline(PIPELINES)
+    index = checkpoint.check_pipeline(pipelines)
     if index is None:
-        raise ConfigError(f"diffusers_sd: {checkpoint.source} has no model_index.json; it needs a "
-                          f"StableDiffusionPipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-    for part, classes in PARTS.items():
+        folders = ", ".join(f"{part}/" for part in [*parts, "tokenizer", "scheduler"])
+        raise ConfigError(f"{adapter}: {checkpoint.source} has no model_index.json; it needs a "
+                          f"{' or '.join(sorted(pipelines))} folder ({folders})")
+    for part, classes in parts.items():
         checkpoint.check_class(part, classes)
         checkpoint.weights(part)
     checkpoint.folder("tokenizer")
     if spec.get("classes"):
-        raise ConfigError(f"diffusers_sd: {checkpoint.source} is text-conditional; its entry takes `prompts`, "
+        raise ConfigError(f"{adapter}: {checkpoint.source} is text-conditional; its entry takes `prompts`, "
                           f"not `classes`")
     prompts = load_prompts(checkpoint.source, spec)
     scheduler_config = checkpoint.config("scheduler", "scheduler_config.json")
