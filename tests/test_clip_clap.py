@@ -267,10 +267,10 @@ def tones(seconds: float = 0.75, rate: int = AUDIO_RATE) -> np.ndarray:
     return np.stack([0.5 * np.sin(2 * np.pi * 500 * t), noise, clicks, chirp]).astype(np.float32)
 
 
-def write_tiny_clap_files(directory: Path) -> None:
-    """An untrained tiny ClapModel with its processor: a byte-level BPE tokenizer with no merges (every
-    byte is a token) and a 1-second, 8 kHz, 16-mel feature extractor."""
-    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
+def tiny_roberta_tokenizer(directory: Path, model_max_length: int):
+    """CLAP's Roberta tokenizer over a byte-level BPE with no merges (every byte is a token), written to
+    `directory` (vocab.json, merges.txt): offline, and every caption tokenises. Ids: <s> 0, <pad> 1, </s> 2."""
+    from transformers import RobertaTokenizer
 
     # GPT-2's byte -> printable-character table, the alphabet of byte-level BPE
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -279,7 +279,16 @@ def write_tiny_clap_files(directory: Path) -> None:
     vocab = {token: i for i, token in enumerate(["<s>", "<pad>", "</s>", "<unk>", *alphabet, "<mask>"])}
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = RobertaTokenizer.from_pretrained(directory, model_max_length=32)
+    return RobertaTokenizer.from_pretrained(directory, model_max_length=model_max_length)
+
+
+def write_tiny_clap_files(directory: Path) -> None:
+    """An untrained tiny ClapModel with its processor: tiny_roberta_tokenizer and a 1-second, 8 kHz, 16-mel
+    feature extractor."""
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
+
+    tokenizer = tiny_roberta_tokenizer(directory, model_max_length=32)
+    vocab = tokenizer.get_vocab()
     extractor = ClapFeatureExtractor(feature_size=16, sampling_rate=CLAP_RATE, hop_length=160, max_length_s=1,
                                      fft_window_size=256, frequency_min=50, frequency_max=4000,
                                      truncation="rand_trunc", padding="repeatpad")

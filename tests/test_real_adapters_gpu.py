@@ -1,5 +1,5 @@
-"""fp16 sampling of the tiny latent models on CUDA agrees with float32 on the CPU within fp16 tolerance
-(`gpu` marker: run with `pytest -m gpu` where CUDA is present; skipped elsewhere)."""
+"""fp16 sampling of the tiny latent models (SD, DiT, AudioLDM) on CUDA agrees with float32 on the CPU within fp16
+tolerance (`gpu` marker: run with `pytest -m gpu` where CUDA is present; skipped elsewhere)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
+from test_diffusers_audioldm import audio_folder  # noqa: E402,F401  (fixture)
+from test_diffusers_audioldm import spec as audio_spec  # noqa: E402
 from test_diffusers_dit import dit_folder  # noqa: E402,F401  (fixture)
 from test_diffusers_dit import spec as dit_spec  # noqa: E402
 from test_diffusers_sd import sd_folder  # noqa: E402,F401  (fixture)
@@ -35,11 +37,12 @@ def guided_samples(entry, device, dtype, cond_of):
         return denoiser.decode(z0).float().cpu()
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3", "dit"])
+@pytest.mark.parametrize("kind", ["sd", "sd3", "dit", "audioldm"])
 def test_fp16_on_cuda_agrees_with_fp32_on_cpu(kind, request):
-    if kind in ("sd", "sd3"):
-        entry = (sd_spec if kind == "sd" else sd3_spec)(request.getfixturevalue(f"{kind}_folder"))
-        cond_of = lambda d: d.conditions(0, range(4))  # noqa: E731
+    if kind in ("sd", "sd3", "audioldm"):  # text models: their prompts; audioldm decodes to waveforms through its vocoder
+        folder, spec = {"sd": ("sd_folder", sd_spec), "sd3": ("sd3_folder", sd3_spec),
+                        "audioldm": ("audio_folder", audio_spec)}[kind]
+        entry, cond_of = spec(request.getfixturevalue(folder)), lambda d: d.conditions(0, range(4))
     else:
         entry = dit_spec(request.getfixturevalue("dit_folder"))
         cond_of = lambda d: torch.tensor([1, 2, 3, 4], device=d.info.device)  # noqa: E731

@@ -40,7 +40,7 @@ ADAPTER_FOR_CLASS: dict[str, str | None] = {
     "StableDiffusion3Pipeline": "diffusers_sd3",
     "LDMPipeline": None,  # a UNet on VQ-VAE latents
     "StableDiffusionXLPipeline": None,
-    "AudioLDMPipeline": None,
+    "AudioLDMPipeline": "diffusers_audioldm",
     "AudioLDM2Pipeline": None,
 }
 SAFE_SUFFIXES = (".safetensors",)

@@ -34,8 +34,16 @@ PIPELINES = {"StableDiffusionPipeline"}
 PARTS = {"unet": {"UNet2DConditionModel"}, "vae": {"AutoencoderKL"}, "text_encoder": {"CLIPTextModel"}}
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
            "text_encoder": "model.safetensors"}
-FILES = ["model_index.json", "scheduler/*", "tokenizer/*"] + [f"{part}/{name}" for part in PARTS
-                                                             for name in ("config.json", WEIGHTS[part])]
+
+
+def pipeline_files(weights: dict[str, str]) -> list[str]:
+    """The files a text pipeline adapter reads, for the `hf download` line of an offline error: the index, the
+    scheduler and tokenizer folders, each part's config and its weights file (`weights`: part -> file name)."""
+    return ["model_index.json", "scheduler/*", "tokenizer/*"] + [f"{part}/{name}" for part, file in weights.items()
+                                                                 for name in ("config.json", file)]
+
+
+FILES = pipeline_files(WEIGHTS)
 
 
 class StableDiffusion(NetworkDenoiser):
