@@ -32,6 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 from harness.config import load_methods  # noqa: E402
 from harness.errors import ConfigError  # noqa: E402
 from harness.guidance import guided  # noqa: E402
+from harness.metrics.text_alignment import prompt_indices  # noqa: E402
 from harness.methods.solvers import dpmpp_2m, euler  # noqa: E402
 from harness.models import check_model, load_denoiser  # noqa: E402
 
@@ -105,8 +106,13 @@ def test_loads_as_a_latent_text_model(sd_folder):
     assert denoiser.info.prediction == "eps"
     cond = denoiser.conditions(0, range(5))
     assert cond.shape == (5, 12, 16)
-    torch.testing.assert_close(cond[3], cond[0])  # sample 3 has prompt 0 (i mod 3)
-    np.testing.assert_array_equal(denoiser.condition_record(0, 5)["prompt_index"], [0, 1, 2, 0, 1])
+    which = prompt_indices(0, range(5), len(PROMPTS))  # the captions of seed 0's samples
+    for i in range(5):
+        torch.testing.assert_close(cond[i], denoiser.encode([PROMPTS[which[i]]])[0])
+    torch.testing.assert_close(denoiser.conditions(0, [3, 4]), cond[3:])  # whatever the batch
+    np.testing.assert_array_equal(denoiser.condition_record(0, 5)["prompt_index"], which)
+    other = denoiser.condition_record(1, 30)["prompt_index"]  # another seed of the grid, other captions
+    assert not np.array_equal(other, denoiser.condition_record(0, 30)["prompt_index"])
     assert denoiser.decode(torch.zeros(3, 4, 8, 8)).shape == (3, 3, 16, 16)
 
 
@@ -142,7 +148,7 @@ def test_a_guided_cell_counts_nfe_and_network_passes(sd_folder, tmp_path):
     assert cell["nfe_measured"] == 5 and cell["network_evals"] == 10  # each guided call: two passes
     with np.load(tmp_path / "samples.npz") as saved:
         assert saved["samples"].shape == (4, 3, 16, 16) and saved["latents"].shape == (4, 4, 8, 8)
-        np.testing.assert_array_equal(saved["prompt_index"], [0, 1, 2, 0])
+        np.testing.assert_array_equal(saved["prompt_index"], prompt_indices(cell["seed"], range(4), len(PROMPTS)))
     unguided = run_cell("tiny-sd", spec(sd_folder), "dpmpp_2m", methods["dpmpp_2m"], 5, tmp_path / "w1",
                         num_samples=4, batch_size=3)
     assert unguided["nfe_measured"] == 5 and unguided["network_evals"] == 5
