@@ -258,22 +258,34 @@ def extractor(name, cache_dir):
               help="Build the statistics of this model's reference data (any kind: folder, npz, library).")
 @click.option("--dataset", default=None, help="Or an embedded dataset (models.yaml key 'dataset') ...")
 @click.option("--extractor", "extractor_name", default=None, help="... with this feature extractor.")
+@click.option("--for", "statistics", type=click.Choice(["fid", "fd_dinov2"]), default="fid", show_default=True,
+              help="With --model: the statistics of its fidelity metrics (fid, kid, ...) or of fd_dinov2.")
 @models_file_opt
 @cache_opt
-def refstats(model_id, dataset, extractor_name, models_file, cache_dir):
-    """Compute (or find cached) reference features and statistics for FID/KID; print their path.
+@device_opt
+def refstats(model_id, dataset, extractor_name, statistics, models_file, cache_dir, device):
+    """Compute (or find cached) reference features and statistics for FID/KID (or FD_DINOv2); print their path.
 
-    Examples: stepbench refstats --model digits-ideal;  stepbench refstats --dataset digits --extractor digits-cnn
+    Examples: stepbench refstats --model digits-ideal;  stepbench refstats --dataset digits --extractor digits-cnn;
+    stepbench refstats --model sd15 --for fd_dinov2
     """
     from harness.metrics.fidelity import build_reference_statistics, fidelity_setup
+    from harness.models import resolve_device
 
+    device = resolve_device(device)
     if model_id is not None:
         from harness.config import load_models, lookup
+        from harness.metrics.fd_dinov2 import check_weights, dinov2_setup
 
-        source = fidelity_setup(lookup(load_models(models_file), model_id, models_file, "model"), model_id)
-        click.echo(build_reference_statistics(cache_dir, source))
+        spec = lookup(load_models(models_file), model_id, models_file, "model")
+        if statistics == "fd_dinov2":
+            source = dinov2_setup(spec, model_id)
+            check_weights(source, model_id)
+        else:
+            source = fidelity_setup(spec, model_id)
+        click.echo(build_reference_statistics(cache_dir, source, device=device))
     elif dataset and extractor_name:
-        click.echo(build_reference_statistics(cache_dir, dataset, extractor_name))
+        click.echo(build_reference_statistics(cache_dir, dataset, extractor_name, device=device))
     else:
         raise StepbenchError("stepbench refstats: give --model, or --dataset with --extractor")
 

@@ -23,7 +23,7 @@ def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names:
                   device: str = "cpu") -> dict:
     cell_dir = Path(cell_dir)
     cell = verified_cell(cell_dir)  # the samples are the ones cell.json describes, or one line says why not
-    samples, latents, labels = read_samples(cell_dir / "samples.npz")
+    samples, latents, conditions = read_samples(cell_dir / "samples.npz")
     metric_names = [*metric_names, *method_metrics(cell, metric_names)]
     metric_classes = [METRICS.get(name) for name in metric_names]  # unknown names fail before any work
 
@@ -31,7 +31,7 @@ def evaluate_cell(cell_dir: Path, model_spec: dict, methods: dict, metric_names:
                  # the cell these numbers describe: the report shows them only while it is unchanged
                  "cell": {"config_hash": cell["provenance"]["config_hash"], "samples_sha256": cell["samples_sha256"]}}
     ctx = EvalContext(cell_dir, cell, samples, model_spec, methods, Path(cache_dir), device, latents=latents,
-                      labels=labels)
+                      labels=conditions.get("labels"), prompt_index=conditions.get("prompt_index"))
     for name, cls in zip(metric_names, metric_classes):
         if cell["status"] != "ok" and name not in ("wall_s_per_sample", "peak_mem_mb"):
             out[name] = None  # a diverged cell is a result: its quality metrics are undefined
@@ -59,14 +59,18 @@ def method_metrics(cell: dict, metric_names: list[str]) -> list[str]:
     return [name for name in extra if name not in metric_names]
 
 
-def read_samples(path: Path) -> tuple[NpzArray, NpzArray | None, np.ndarray | None]:
-    """samples (latents, for latent models; labels, for class-conditional ones) of a samples.npz, the first two
-    read in blocks by the metrics; an unreadable file is one line."""
+CONDITION_KEYS = ("labels", "prompt_index")  # what samples.npz keeps of the conditions (Denoiser.condition_record)
+
+
+def read_samples(path: Path) -> tuple[NpzArray, NpzArray | None, dict[str, np.ndarray]]:
+    """samples (latents, for latent models) of a samples.npz, read in blocks by the metrics, and the conditions
+    it records (labels of a class-conditional model, prompt_index of a text-conditional one); an unreadable
+    file is one line."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-        optional = {name: NpzArray(path, name) if f"{name}.npy" in names else None for name in ("latents", "labels")}
-        labels = optional["labels"].load() if optional["labels"] is not None else None
-        return NpzArray(path, "samples"), optional["latents"], labels
+        latents = NpzArray(path, "latents") if "latents.npy" in names else None
+        conditions = {name: NpzArray(path, name).load() for name in CONDITION_KEYS if f"{name}.npy" in names}
+        return NpzArray(path, "samples"), latents, conditions
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise StepbenchError(f"{path}: unreadable samples ({type(err).__name__}: {err}); sample the cell again") from None

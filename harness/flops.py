@@ -27,7 +27,8 @@ def measure(denoiser, batch_size: int, sigma: float = 1.0) -> dict:
 
     info = denoiser.info
     x = torch.zeros((batch_size, *info.data_shape), dtype=info.dtype, device=info.device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # force_eager: a torch.compile'd network (params.compile) counted in its aten operations, not its fused kernels
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         rows = denoiser.flops_call(x, sigma)  # network rows: batch_size for a denoiser, token evaluations for a flow
     total = float(counter.get_total_flops())
     return {"flops_per_call": total, "batch_size": batch_size, "flops_per_row": total / rows,

@@ -41,8 +41,8 @@ class Plan:
     num_samples: dict[str, int]  # per model
     references: dict[tuple[str, str, int], Path] = field(default_factory=dict)  # (model, kind, seed) -> file
     extractors: dict[str, Path] = field(default_factory=dict)  # name -> weights file
-    # statistics file -> (a model whose reference it is, the built extractor it needs, if any)
-    refstats: dict[Path, tuple[str, list[Path]]] = field(default_factory=dict)
+    # statistics file -> (a model whose reference it is, the built extractor it needs, if any, 'fid' | 'fd_dinov2')
+    refstats: dict[Path, tuple[str, list[Path], str]] = field(default_factory=dict)
     eval_inputs: dict[tuple[str, int], list[Path]] = field(default_factory=dict)  # (model, seed) -> cached files
     prepared: dict[tuple[str, str, int], Path] = field(default_factory=dict)  # cell -> its method's side data
     flops: dict[Path, tuple[str, int]] = field(default_factory=dict)  # FLOP count file -> (model, batch size)
@@ -69,8 +69,9 @@ class Plan:
         """(model, method, NFE) whose preparation writes `path`."""
         return _planned(self.prepare_jobs(), path, "prepared artifact")
 
-    def refstats_job(self, path) -> tuple[str, list[Path]]:
-        """(a model whose reference data it describes, the built extractor weights it needs)."""
+    def refstats_job(self, path) -> tuple[str, list[Path], str]:
+        """(a model whose reference data it describes, the built extractor weights it needs, whose statistics:
+        'fid' for the model's fidelity metrics, 'fd_dinov2' for its DINOv2 ones)."""
         return _planned(self.refstats, path, "reference statistics file")
 
     def reference_job(self, path) -> tuple[str, str, int]:
@@ -238,6 +239,8 @@ def plan(config: dict) -> Plan:
         for metric in spec["metrics"]:
             if metric in FIDELITY_METRICS:
                 shared += _fidelity_inputs(result, cache_dir, model_id, spec)
+            if metric == "fd_dinov2":
+                shared += _dinov2_inputs(result, cache_dir, model_id, spec)
         for seed in seeds:
             needs = list(shared)
             for metric in spec["metrics"]:
@@ -304,7 +307,20 @@ def _fidelity_inputs(result: Plan, cache_dir: Path, model_id: str, spec: dict) -
     if buildable:
         result.extractors[setup.extractor] = weights
     stats = reference_statistics_path(cache_dir, setup)
-    result.refstats.setdefault(stats, (model_id, [weights] if buildable else []))
+    result.refstats.setdefault(stats, (model_id, [weights] if buildable else [], "fid"))
+    return [weights, stats]
+
+
+def _dinov2_inputs(result: Plan, cache_dir: Path, model_id: str, spec: dict) -> list[Path]:
+    """fd_dinov2's weights file (a plain input, checked here: a missing one is one line saying what to download)
+    and its reference statistics, made by a refstats job of their own."""
+    from harness.metrics.fd_dinov2 import check_weights, dinov2_setup
+    from harness.metrics.fidelity import reference_statistics_path
+
+    setup = dinov2_setup(spec, model_id)
+    weights = check_weights(setup, model_id)
+    stats = reference_statistics_path(cache_dir, setup)
+    result.refstats.setdefault(stats, (model_id, [], "fd_dinov2"))
     return [weights, stats]
 
 

@@ -12,6 +12,7 @@ rule refstats:
         f"{CACHE}/refstats/{{name}}.npz",
     params:
         model=lambda wc, output: PLAN.refstats_job(output[0])[0],
+        statistics=lambda wc, output: PLAN.refstats_job(output[0])[2],
         files=PLAN.untracked_model_args,
     wildcard_constraints:
         name=r"[^/]+",
@@ -22,7 +23,8 @@ rule refstats:
     conda:
         "envs/stepbench.yaml"
     shell:
-        "stepbench-job --gpus {resources.gpu} refstats --model {params.model:q} {params.files}"
+        "stepbench-job --gpus {resources.gpu} refstats --model {params.model:q} --for {params.statistics}"
+        " {params.files}"
         " > {log:q} 2>&1"
 
 

@@ -24,9 +24,10 @@ def repo_files(tmp_path):
     return tmp_path
 
 
-def write_evaluable_cell(cell_dir: Path, samples, **cell) -> Path:
-    """A cell directory as `stepbench sample` leaves it, for metric tests: samples.npz, and a cell.json that
-    records the samples' sha256 (evaluate checks it) with the given fields."""
+def write_evaluable_cell(cell_dir: Path, samples, arrays: dict | None = None, **cell) -> Path:
+    """A cell directory as `stepbench sample` leaves it, for metric tests: samples.npz (with `arrays` beside the
+    samples: the conditions a cell records, e.g. prompt_index), and a cell.json that records the samples' sha256
+    (evaluate checks it) with the given fields."""
     import json
 
     import numpy as np
@@ -34,7 +35,7 @@ def write_evaluable_cell(cell_dir: Path, samples, **cell) -> Path:
     from harness.files import sha256_file
 
     cell_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(cell_dir / "samples.npz", samples=samples)
+    np.savez(cell_dir / "samples.npz", samples=samples, **(arrays or {}))
     record = {"status": "ok", "seed": 0, "num_samples": len(samples), **cell,
               "samples_sha256": sha256_file(cell_dir / "samples.npz"),
               "provenance": {"config_hash": "test", **cell.get("provenance", {})}}

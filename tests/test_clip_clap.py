@@ -20,17 +20,43 @@ from harness.errors import ConfigError, StepbenchError
 from harness.evaluate import evaluate_cell
 from harness.metrics import METRICS
 from harness.metrics.features import data_to_uint8_rgb
-from harness.metrics.text_alignment import bootstrap_interval, load_prompts, prompts_for_samples
+from harness.metrics.text_alignment import bootstrap_interval, load_prompts, prompt_indices, prompts_for_samples
 
 # --- shared: prompts and intervals ----------------------------------------------------------------
 
 
-def test_prompts_from_list_and_file_repeat_modulo_n(tmp_path):
+def test_prompts_from_list_and_file(tmp_path):
     (tmp_path / "prompts.txt").write_text("a cat\n\n  a dog  \na bird\n")
     from_file = load_prompts("m", {"prompts": str(tmp_path / "prompts.txt")})
     assert from_file == ["a cat", "a dog", "a bird"]
     assert load_prompts("m", {"prompts": from_file}) == from_file
-    assert prompts_for_samples(from_file, 7) == ["a cat", "a dog", "a bird"] * 2 + ["a cat"]
+    captions = prompts_for_samples(from_file, 0, 7)
+    assert sorted(captions[:3]) == sorted(from_file) and sorted(captions[3:6]) == sorted(from_file)  # balanced
+    assert captions == [from_file[k] for k in prompt_indices(0, range(7), 3)]
+
+
+def test_a_samples_prompt_depends_on_seed_and_index_only():
+    n, count = 7, 30
+    whole = prompt_indices(4, range(count), n)
+    # any batching, any order: sample i keeps its caption
+    batched = np.concatenate([prompt_indices(4, range(a, b), n) for a, b in ((0, 3), (3, 16), (16, 17), (17, 30))])
+    np.testing.assert_array_equal(batched, whole)
+    order = np.random.default_rng(0).permutation(count)
+    np.testing.assert_array_equal(prompt_indices(4, order, n), whole[order])
+    # each block of N samples takes every caption once; the blocks' orders differ
+    for block in range(count // n):
+        assert sorted(whole[block * n:(block + 1) * n]) == list(range(n))
+    # the documented rule: a permutation drawn from (seed, block) on the prompts' own stream
+    from harness.metrics.text_alignment import PROMPT_STREAM
+
+    expected = [np.random.default_rng([4, i // n, PROMPT_STREAM]).permutation(n)[i % n] for i in range(count)]
+    np.testing.assert_array_equal(whole, expected)
+    # another seed of the grid: another assignment (of 50 captions, the same one by chance has probability 1/50!)
+    assert not np.array_equal(prompt_indices(0, range(50), 50), prompt_indices(1, range(50), 50))
+    # class labels of the same (seed, i) come from another stream
+    from harness.labels import sample_labels
+
+    assert not np.array_equal(sample_labels(0, range(50), 50), prompt_indices(0, range(50), 50))
 
 
 @pytest.mark.parametrize("spec, key", [({}, "m.prompts' missing"), ({"prompts": "nope.txt"}, "nope.txt not found"),
@@ -218,8 +244,11 @@ def test_clip_tag_resolves_to_the_hub_cache_without_network(tmp_path, monkeypatc
     assert tag_cfg["resize_mode"] == "shortest"  # the tag's preprocessing travels with it
 
 
-def write_cell(cell_dir: Path, model_id: str, samples: np.ndarray) -> Path:
-    return write_evaluable_cell(cell_dir, samples, model=model_id)
+def write_cell(cell_dir: Path, model_id: str, samples: np.ndarray, prompt_index=None) -> Path:
+    """A cell of `samples`; sample i recorded as drawn from caption prompt_index[i] (by default i mod 4: the
+    order colour_images and tones come in)."""
+    prompt_index = np.arange(len(samples)) % 4 if prompt_index is None else np.asarray(prompt_index)
+    return write_evaluable_cell(cell_dir, samples, arrays={"prompt_index": prompt_index}, model=model_id)
 
 
 def test_clip_score_metric_end_to_end(tmp_path, clip_checkpoint):
@@ -241,6 +270,27 @@ def test_clip_score_metric_end_to_end(tmp_path, clip_checkpoint):
     spec_shuffled = {**spec, "prompts": COLOUR_CAPTIONS[1:] + COLOUR_CAPTIONS[:1]}
     shuffled = evaluate_cell(tmp_path / "cell", spec_shuffled, {}, ["clip_score"], tmp_path / "cache")
     assert shuffled["clip_score"] < low
+
+
+def test_clip_score_reads_the_cells_recorded_prompt_indices(tmp_path, clip_checkpoint):
+    spec = {"prompts": COLOUR_CAPTIONS, "clip": {"model": TINY_CLIP, "pretrained": str(clip_checkpoint)}}
+    in_order = evaluate_cell(write_cell(tmp_path / "a", "tiny", np.concatenate([colour_images()] * 3)), spec, {},
+                             ["clip_score"], tmp_path / "cache")["clip_score"]
+    # a seed's own order: the images drawn for prompt_indices(5, i), recorded so: the same pairs, the same score
+    order = prompt_indices(5, range(12), 4)
+    recorded = evaluate_cell(write_cell(tmp_path / "b", "tiny", colour_images()[order], prompt_index=order), spec, {},
+                             ["clip_score"], tmp_path / "cache")["clip_score"]
+    assert recorded == pytest.approx(in_order, rel=1e-9)
+    # the same images with another record: scored against those captions, so lower (i mod 4 is not order)
+    wrong = evaluate_cell(write_cell(tmp_path / "c", "tiny", colour_images()[order]), spec, {}, ["clip_score"],
+                          tmp_path / "cache")["clip_score"]
+    assert wrong < recorded
+    write_evaluable_cell(tmp_path / "d", colour_images(), model="tiny")  # no prompt_index recorded
+    with pytest.raises(StepbenchError, match="records no prompt_index"):
+        evaluate_cell(tmp_path / "d", spec, {}, ["clip_score"], tmp_path / "cache")
+    with pytest.raises(StepbenchError, match="reaches 7 but the model has 4 prompts"):
+        evaluate_cell(write_cell(tmp_path / "e", "tiny", colour_images(), prompt_index=[0, 1, 2, 7]), spec, {},
+                      ["clip_score"], tmp_path / "cache")
 
 
 def test_clip_score_rejects_non_image_samples(tmp_path, clip_checkpoint):

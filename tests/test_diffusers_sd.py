@@ -32,6 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 from harness.config import load_methods  # noqa: E402
 from harness.errors import ConfigError  # noqa: E402
 from harness.guidance import guided  # noqa: E402
+from harness.metrics.text_alignment import prompt_indices  # noqa: E402
 from harness.methods.solvers import dpmpp_2m, euler  # noqa: E402
 from harness.models import check_model, load_denoiser  # noqa: E402
 
@@ -41,6 +42,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SD_PROCESS = {"kind": "vp_discrete", **SD_BETAS}
 PROMPTS = ["a red cat", "two dogs", "a boat at sea"]
+# the captions stepbench gives a seed-0 cell's samples 0, 1, 2 (they depend on (seed, i)): the pipeline gets them too
+SEED0_PROMPTS = [PROMPTS[k] for k in prompt_indices(0, range(len(PROMPTS)), len(PROMPTS))]
 RTOL = 1e-4
 
 
@@ -105,8 +108,13 @@ def test_loads_as_a_latent_text_model(sd_folder):
     assert denoiser.info.prediction == "eps"
     cond = denoiser.conditions(0, range(5))
     assert cond.shape == (5, 12, 16)
-    torch.testing.assert_close(cond[3], cond[0])  # sample 3 has prompt 0 (i mod 3)
-    np.testing.assert_array_equal(denoiser.condition_record(0, 5)["prompt_index"], [0, 1, 2, 0, 1])
+    which = prompt_indices(0, range(5), len(PROMPTS))  # the captions of seed 0's samples
+    for i in range(5):
+        torch.testing.assert_close(cond[i], denoiser.encode([PROMPTS[which[i]]])[0])
+    torch.testing.assert_close(denoiser.conditions(0, [3, 4]), cond[3:])  # whatever the batch
+    np.testing.assert_array_equal(denoiser.condition_record(0, 5)["prompt_index"], which)
+    other = denoiser.condition_record(1, 30)["prompt_index"]  # another seed of the grid, other captions
+    assert not np.array_equal(other, denoiser.condition_record(0, 30)["prompt_index"])
     assert denoiser.decode(torch.zeros(3, 4, 8, 8)).shape == (3, 3, 16, 16)
 
 
@@ -118,7 +126,7 @@ def test_guided_solvers_match_the_pipeline(sd_folder, scheduler, solver, steps):
     pipe = pipeline(sd_folder, scheduler)
     x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        expected = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=scale, latents=x_T.clone(),
+        expected = pipe(SEED0_PROMPTS, num_inference_steps=steps, guidance_scale=scale, latents=x_T.clone(),
                         output_type="latent").images
         pipe.scheduler.set_timesteps(steps)
         process = denoiser.process
@@ -142,7 +150,7 @@ def test_a_guided_cell_counts_nfe_and_network_passes(sd_folder, tmp_path):
     assert cell["nfe_measured"] == 5 and cell["network_evals"] == 10  # each guided call: two passes
     with np.load(tmp_path / "samples.npz") as saved:
         assert saved["samples"].shape == (4, 3, 16, 16) and saved["latents"].shape == (4, 4, 8, 8)
-        np.testing.assert_array_equal(saved["prompt_index"], [0, 1, 2, 0])
+        np.testing.assert_array_equal(saved["prompt_index"], prompt_indices(cell["seed"], range(4), len(PROMPTS)))
     unguided = run_cell("tiny-sd", spec(sd_folder), "dpmpp_2m", methods["dpmpp_2m"], 5, tmp_path / "w1",
                         num_samples=4, batch_size=3)
     assert unguided["nfe_measured"] == 5 and unguided["network_evals"] == 5

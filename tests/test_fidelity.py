@@ -60,7 +60,9 @@ def test_metrics_equal_torch_fidelity_calculate_metrics(cache_dir, weights, digi
         kid_subset_size=300, cuda=False, cache=False, save_cpu_ram=True, verbose=False)
 
     assert fid.value == pytest.approx(expected["frechet_inception_distance"], rel=1e-6)
-    assert kid.value == pytest.approx(expected["kernel_inception_distance_mean"], rel=1e-6)
+    # torch-fidelity sums its float32 subset kernels in float32: the reduction order is the CPU's (1.2e-6 apart
+    # on an AVX-512 machine); the float64 test below checks the estimator itself to 1e-10
+    assert kid.value == pytest.approx(expected["kernel_inception_distance_mean"], rel=1e-5)
     # torch-fidelity sums each subset's kernels in float32; stepbench in float64 from whole kernel matrices
     assert kid.provenance["std"] == pytest.approx(expected["kernel_inception_distance_std"], rel=1e-4)
     assert isc.value == pytest.approx(expected["inception_score_mean"], rel=1e-6)

@@ -1,5 +1,6 @@
-"""fp16 sampling of the tiny latent models (SD, DiT, AudioLDM) on CUDA agrees with float32 on the CPU within fp16
-tolerance (`gpu` marker: run with `pytest -m gpu` where CUDA is present; skipped elsewhere)."""
+"""fp16 sampling of the tiny latent models (SD, SD3, DiT, AudioLDM) on CUDA agrees with float32 on the CPU
+within fp16 tolerance, and with params.compile the torch.compile'd network agrees with the eager one and is
+compiled once per process (`gpu` marker: run with `pytest -m gpu` where CUDA is present; skipped elsewhere)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from test_diffusers_sd3 import spec as sd3_spec  # noqa: E402
 from harness.guidance import guided  # noqa: E402
 from harness.methods.solvers import dpmpp_2m  # noqa: E402
 from harness.models import load_denoiser  # noqa: E402
+from harness.models.compiled import forget_compiled  # noqa: E402
 from harness.schedules import sigma_grid  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")]
@@ -37,16 +39,38 @@ def guided_samples(entry, device, dtype, cond_of):
         return denoiser.decode(z0).float().cpu()
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3", "dit", "audioldm"])
-def test_fp16_on_cuda_agrees_with_fp32_on_cpu(kind, request):
+def entry_and_conditions(kind, request):
     if kind in ("sd", "sd3", "audioldm"):  # text models: their prompts; audioldm decodes to waveforms through its vocoder
         folder, spec = {"sd": ("sd_folder", sd_spec), "sd3": ("sd3_folder", sd3_spec),
                         "audioldm": ("audio_folder", audio_spec)}[kind]
-        entry, cond_of = spec(request.getfixturevalue(folder)), lambda d: d.conditions(0, range(4))
-    else:
-        entry = dit_spec(request.getfixturevalue("dit_folder"))
-        cond_of = lambda d: torch.tensor([1, 2, 3, 4], device=d.info.device)  # noqa: E731
+        return spec(request.getfixturevalue(folder)), lambda d: d.conditions(0, range(4))
+    entry = dit_spec(request.getfixturevalue("dit_folder"))
+    return entry, lambda d: torch.tensor([1, 2, 3, 4], device=d.info.device)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3", "dit", "audioldm"])
+def test_fp16_on_cuda_agrees_with_fp32_on_cpu(kind, request):
+    entry, cond_of = entry_and_conditions(kind, request)
     reference = guided_samples(entry, "cpu", "float32", cond_of)
     half = guided_samples(entry, "cuda", "float16", cond_of)
     assert torch.isfinite(half).all()
     assert float((half - reference).norm() / reference.norm()) <= FP16_RTOL
+
+
+@pytest.mark.parametrize("kind", ["sd", "dit"])
+def test_compiled_network_on_cuda_agrees_with_eager_and_compiles_once(kind, request):
+    from torch._dynamo.utils import counters
+
+    entry, cond_of = entry_and_conditions(kind, request)
+    compiled = {**entry, "params": {**entry.get("params", {}), "compile": True}}
+    forget_compiled()
+    torch._dynamo.reset()
+    eager = guided_samples(entry, "cuda", "float16", cond_of)
+    start = counters["stats"]["unique_graphs"]
+    first = guided_samples(compiled, "cuda", "float16", cond_of)
+    graphs = counters["stats"]["unique_graphs"] - start
+    again = guided_samples(compiled, "cuda", "float16", cond_of)  # a second cell of this process
+    forget_compiled()
+    assert graphs >= 1 and counters["stats"]["unique_graphs"] - start == graphs
+    assert torch.isfinite(first).all() and torch.equal(first, again)
+    assert float((first - eager).norm() / eager.norm()) <= FP16_RTOL

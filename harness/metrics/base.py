@@ -35,6 +35,7 @@ class EvalContext:
     device: str = "cpu"
     latents: np.ndarray | None = None  # latent models: [S, *latent_shape] float32, the samples before decode
     labels: np.ndarray | None = None  # class-conditional models: int64 [S], the label each sample was drawn for
+    prompt_index: np.ndarray | None = None  # text-conditional models: int64 [S], each sample's caption (its index)
     _memo: dict = field(default_factory=dict)
 
     def memo(self, key: str, fn: Callable[[], Any]) -> Any:

@@ -29,7 +29,7 @@ from harness.errors import ConfigError, StepbenchError
 from harness.metrics.base import EvalContext, Metric, MetricValue
 from harness.metrics.text_alignment import (bootstrap_interval, bootstrap_provenance, downloads_allowed,
                                             embed_in_batches, files_sha256, hf_cache_dir, load_prompts,
-                                            missing_weights, pairwise_cosine, prompts_for_samples, prompts_sha256)
+                                            missing_weights, pairwise_cosine, prompts_sha256, recorded_prompts)
 
 DEFAULT_MODEL = "laion/clap-htsat-unfused"
 DEFAULT_BATCH_SIZE = 32
@@ -215,7 +215,8 @@ class CLAPScore(Metric):
         prompts = load_prompts(model_id, spec)
         clap = ctx.memo(f"clap:{source}", lambda: load_clap(source, cache_dir, ctx.device))
         scores = clap_scores(clap, np.asarray(ctx.samples), int(spec["sample_rate"]),
-                             prompts_for_samples(prompts, len(ctx.samples)), int(cfg.get("batch_size", DEFAULT_BATCH_SIZE)))
+                             recorded_prompts(ctx.prompt_index, prompts, len(ctx.samples), self.name),
+                             int(cfg.get("batch_size", DEFAULT_BATCH_SIZE)))
         low, high = bootstrap_interval(scores)
         return MetricValue(float(scores.mean()), low, high, provenance={
             **clap.provenance, "definition": DEFINITION, "sample_rate": int(spec["sample_rate"]),

@@ -28,7 +28,7 @@ from harness.metrics.base import EvalContext, Metric, MetricValue
 from harness.metrics.features import data_to_uint8_rgb, file_sha256
 from harness.metrics.text_alignment import (bootstrap_interval, bootstrap_provenance, clip_score_from_cosine,
                                             downloads_allowed, embed_in_batches, hf_cache_dir, load_prompts,
-                                            missing_weights, pairwise_cosine, prompts_for_samples, prompts_sha256)
+                                            missing_weights, pairwise_cosine, prompts_sha256, recorded_prompts)
 
 # torchmetrics' default CLIP (openai/clip-vit-large-patch14) under its open-clip name, so scores compare
 DEFAULT_MODEL = "ViT-L-14"
@@ -204,7 +204,8 @@ class CLIPScore(Metric):
         clip = ctx.memo(f"clip:{settings['model']}:{settings['pretrained']}",
                         lambda: load_clip(settings["model"], settings["pretrained"], settings["cache_dir"], ctx.device))
         pixels = data_to_uint8_rgb(samples, settings["data_range"])
-        scores = clip_scores(clip, pixels, prompts_for_samples(prompts, len(samples)), settings["batch_size"])
+        captions = recorded_prompts(ctx.prompt_index, prompts, len(samples), self.name)  # the cell's own
+        scores = clip_scores(clip, pixels, captions, settings["batch_size"])
         low, high = bootstrap_interval(scores)
         return MetricValue(float(scores.mean()), low, high, provenance={
             **clip.provenance, "definition": DEFINITION, "data_range": list(settings["data_range"]),

@@ -7,7 +7,8 @@ reference dataset reach it through the same `data_to_uint8_rgb`, so quantisation
 
 EXTRACTORS maps a name to what the metrics need to know about it: the embedded digits-cnn and
 torch-fidelity's own extractors (inception-v3-compat, clip-*, dinov2-*), whose weights come from a
-configured local path or torch-fidelity's download cache, never from the network at run time.
+configured local path or torch-fidelity's download cache, never from the network at run time. DINOv2's
+network is built by harness.metrics.dinov2 (torch-fidelity's own builds it only through torch.hub).
 """
 
 from __future__ import annotations
@@ -213,11 +214,14 @@ class ExtractorSpec:
     resize: str  # how images reach the extractor's input size; "none": they must already have it
     input_size: tuple[int, int] | None  # None: any size (the extractor resizes)
     layers: dict[str, str]  # torch-fidelity metric key (fid, kid, isc, prc) -> feature layer
-    fidelity_class: type[FeatureExtractorBase] | None = None  # embedded: registered with torch-fidelity
+    fidelity_class: type[FeatureExtractorBase] | None = None  # stepbench's: registered with torch-fidelity
     build: Callable[[], dict] | None = None  # embedded: -> checkpoint to cache when the weights are missing
     library_file: Callable[[], Path] | None = None  # torch-fidelity's own: where its download is cached
     batch_size: int = 500  # images per extractor call (Inception at 299x299 needs GBs per 500)
-    weights_path_supported: bool = True  # torch-fidelity's DINOv2 loads only through torch.hub's cache
+    fidelity_name: str | None = None  # the name registered with torch-fidelity, when it is not the extractor's
+
+    def registered_name(self, name: str) -> str:
+        return self.fidelity_name or name
 
 
 def _hub_checkpoint(filename: str) -> Callable[[], Path]:
@@ -230,6 +234,8 @@ def _library_extractors() -> dict[str, ExtractorSpec]:
     from torch_fidelity.feature_extractor_dinov2 import MODEL_METADATA as DINO_MODELS
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
+    from harness.metrics.dinov2 import FIDELITY_PREFIX, FeatureExtractorDinoV2File, weights_filename
+
     specs = {"inception-v3-compat": ExtractorSpec(
         resize=TF_RESIZE.format(size="299x299"), input_size=None,
         layers={"fid": "2048", "kid": "2048", "prc": "2048", "isc": "logits_unbiased"},
@@ -238,11 +244,11 @@ def _library_extractors() -> dict[str, ExtractorSpec]:
         specs[name] = ExtractorSpec(resize=TF_RESIZE.format(size="the model's input resolution"), input_size=None,
                                     layers={"fid": "clip", "kid": "clip", "prc": "clip", "isc": "clip"},
                                     library_file=_hub_checkpoint(f"{name}-{meta['hash']}.pt"), batch_size=64)
-    for name, hub_name in DINO_MODELS.items():
+    for name in DINO_MODELS:  # torch-fidelity's class with the network from the file, not from torch.hub
         specs[name] = ExtractorSpec(resize=TF_RESIZE.format(size="224x224"), input_size=None,
                                     layers={"fid": "dinov2", "kid": "dinov2", "prc": "dinov2", "isc": "dinov2"},
-                                    library_file=_hub_checkpoint(f"{hub_name}_pretrain.pth"), batch_size=64,
-                                    weights_path_supported=False)
+                                    library_file=_hub_checkpoint(weights_filename(name)), batch_size=64,
+                                    fidelity_class=FeatureExtractorDinoV2File, fidelity_name=FIDELITY_PREFIX + name)
     return specs
 
 
@@ -255,8 +261,8 @@ EXTRACTORS: dict[str, ExtractorSpec] = {
 
 for _name, _spec in EXTRACTORS.items():
     # torch-fidelity refuses a second registration of a name (module reloads, several entry points)
-    if _spec.fidelity_class is not None and _name not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(_name, _spec.fidelity_class)
+    if _spec.fidelity_class is not None and _spec.registered_name(_name) not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(_spec.registered_name(_name), _spec.fidelity_class)
 
 
 def get_extractor(name: str) -> ExtractorSpec:
@@ -278,9 +284,6 @@ def planned_weights_path(name: str, cache_dir: Path, configured: str | None) -> 
     """The weights file an extractor will load, computable before it exists (Snakemake inputs)."""
     spec = get_extractor(name)
     if configured is not None:
-        if not spec.weights_path_supported:
-            raise ConfigError(f"key 'feature_extractor_weights_path': torch-fidelity loads {name!r} "
-                              f"only from torch.hub's cache ({spec.library_file()}); remove the key")
         return Path(configured).expanduser()
     return weights_path(cache_dir, name) if spec.build is not None else spec.library_file()
 
@@ -295,7 +298,7 @@ def resolve_weights(name: str, cache_dir: Path, configured: str | None) -> Path:
     if not path.is_file():
         where = ("the model entry's key 'feature_extractor_weights_path'" if configured is not None else
                  "torch-fidelity's download cache under torch.hub.get_dir(); nothing is downloaded at run time")
-        hint = "" if configured is not None or not spec.weights_path_supported else \
+        hint = "" if configured is not None else \
             "; put the file there or set the model entry's key 'feature_extractor_weights_path'"
         raise StepbenchError(f"{name} weights not found: looked for {path} ({where}){hint}")
     return path

@@ -115,7 +115,8 @@ def _layer_overrides(model_spec: dict, model_id: str, backend: str, extractor: s
     if backend == "clean-fid":
         provided = ("2048",)  # clean-fid's network gives its pool features only
     else:
-        provided = FEATURE_EXTRACTORS_REGISTRY[extractor].get_provided_features_list()
+        provided = FEATURE_EXTRACTORS_REGISTRY[get_extractor(extractor).registered_name(extractor)] \
+            .get_provided_features_list()
     overrides = []
     for metric in LAYER_METRICS:
         key = f"feature_layer_{metric}"
@@ -170,8 +171,8 @@ def extract_features(images: torch.Tensor, extractor: str, weights: Path, layers
         raise StepbenchError(f"feature extractor {extractor!r} takes {spec.input_size[0]}x{spec.input_size[1]} "
                              f"images (resize mode 'none'); got {images.shape[2]}x{images.shape[3]}")
     cuda = torch.device(device).type == "cuda"
-    net = create_feature_extractor(extractor, layers, cuda=cuda, feature_extractor_weights_path=str(weights),
-                                   verbose=False)
+    net = create_feature_extractor(spec.registered_name(extractor), layers, cuda=cuda,
+                                   feature_extractor_weights_path=str(weights), verbose=False)
     # save_cpu_ram: no DataLoader worker processes; they cost more than they save on small images
     return get_featuresdict_from_dataset(UInt8ImageDataset(images), net, spec.batch_size, cuda,
                                          save_cpu_ram=True, verbose=False)
@@ -373,10 +374,11 @@ def reference_statistics_path(cache_dir: Path, source: FidelitySetup | str, extr
     return folder / f"{setup.source.label()}-{setup.extractor}-{digest}.npz"
 
 
-def build_reference_statistics(cache_dir: Path, source: FidelitySetup | str, extractor: str | None = None) -> Path:
+def build_reference_statistics(cache_dir: Path, source: FidelitySetup | str, extractor: str | None = None,
+                               device: str = "cpu") -> Path:
     """Compute and cache the reference features and statistics unless current ones exist (idempotent)."""
     setup = _as_setup(source, extractor)
-    load_reference_statistics(cache_dir, setup)
+    load_reference_statistics(cache_dir, setup, device=device)
     return reference_statistics_path(cache_dir, setup)
 
 
@@ -460,10 +462,10 @@ def setup_of(ctx: EvalContext) -> FidelitySetup:
     return ctx.memo("fidelity-setup", lambda: fidelity_setup(ctx.model_spec, ctx.cell.get("model", "?")))
 
 
-def sample_features(ctx: EvalContext) -> tuple[dict[str, torch.Tensor], dict]:
-    """Features of the cell's samples for every layer the metrics use, once per evaluate, with the
-    provenance all metrics share."""
-    setup = setup_of(ctx)
+def sample_features(ctx: EvalContext, setup: FidelitySetup | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Features of the cell's samples for every layer the metrics use, once per evaluate and setup (the model's
+    own, or another such as fd_dinov2's), with the provenance all metrics share."""
+    setup = setup or setup_of(ctx)
 
     def compute():
         weights = weights_file(setup, ctx.cache_dir)
@@ -476,19 +478,19 @@ def sample_features(ctx: EvalContext) -> tuple[dict[str, torch.Tensor], dict]:
                       "backend_version": backend_version(setup.backend), "num_samples": len(ctx.samples)}
         return features, provenance
 
-    return ctx.memo("fidelity-features", compute)
+    return ctx.memo(f"fidelity-features:{setup.backend}:{setup.extractor}:{setup.weights_config}", compute)
 
 
-def reference_statistics(ctx: EvalContext) -> tuple[ReferenceStatistics, dict]:
-    """The model's cached reference statistics and their provenance, once per evaluate."""
-    setup = setup_of(ctx)
+def reference_statistics(ctx: EvalContext, setup: FidelitySetup | None = None) -> tuple[ReferenceStatistics, dict]:
+    """The model's (or `setup`'s) cached reference statistics and their provenance, once per evaluate."""
+    setup = setup or setup_of(ctx)
 
     def compute():
         ref = load_reference_statistics(ctx.cache_dir, setup, device=ctx.device)
         return ref, {**setup.source.describe(), "dataset": setup.source.name, "num_images": ref.key["num_images"],
                      "stats_sha256": ref.sha256}
 
-    return ctx.memo("fidelity-reference", compute)
+    return ctx.memo(f"fidelity-reference:{reference_statistics_path(ctx.cache_dir, setup)}", compute)
 
 
 def _reference_features(reference: ReferenceStatistics, layer: str, metric: str) -> torch.Tensor:
@@ -510,23 +512,31 @@ def _bootstrap(statistic, num: int, spec: BootstrapSpec, estimate: float):
     return (None, None) if replicates is None else (bootstrap_interval_of(replicates, spec, estimate), replicates)
 
 
+def frechet_value(ctx: EvalContext, setup: FidelitySetup) -> MetricValue:
+    """The Fréchet distance of `setup`'s features of the samples to its reference statistics, with its bootstrap."""
+    (features, provenance), (reference, ref_provenance) = sample_features(ctx, setup), reference_statistics(ctx, setup)
+    samples = features[setup.layer("fid")]
+    if samples.shape[1] != len(reference.fid["mu"]):
+        raise StepbenchError(f"{ref_provenance.get('name', 'the reference data')}: its statistics are "
+                             f"{len(reference.fid['mu'])}-d but {setup.extractor}'s {setup.layer('fid')!r} features are "
+                             f"{samples.shape[1]}-d (statistics of another extractor?)")
+    value = fid_from_features(samples, reference, ctx.device)
+    interval, replicates = _bootstrap(lambda i: fid_from_features(samples[i], reference, ctx.device),
+                                      len(samples), setup.bootstrap, value)
+    if interval is not None:  # a distance: the corrected lower end cannot go below 0
+        interval = (max(interval[0], 0.0), interval[1])
+    return _value(value, interval, {**provenance, "feature_layer": setup.layer("fid"), "reference": ref_provenance,
+                                    "trace_sqrt": TRACE_SQRT, "bootstrap": setup.bootstrap.provenance()},
+                  replicates, setup.bootstrap)
+
+
 class FID(Metric):
     """Fréchet distance between Gaussian fits of sample and reference features (float64)."""
 
     name = "fid"
 
     def compute(self, ctx: EvalContext) -> MetricValue:
-        (features, provenance), (reference, ref_provenance) = sample_features(ctx), reference_statistics(ctx)
-        setup = setup_of(ctx)
-        samples = features[setup.layer("fid")]
-        value = fid_from_features(samples, reference, ctx.device)
-        interval, replicates = _bootstrap(lambda i: fid_from_features(samples[i], reference, ctx.device),
-                                          len(samples), setup.bootstrap, value)
-        if interval is not None:  # a distance: the corrected lower end cannot go below 0
-            interval = (max(interval[0], 0.0), interval[1])
-        return _value(value, interval, {**provenance, "feature_layer": setup.layer("fid"), "reference": ref_provenance,
-                                        "trace_sqrt": TRACE_SQRT, "bootstrap": setup.bootstrap.provenance()},
-                      replicates, setup.bootstrap)
+        return frechet_value(ctx, setup_of(ctx))
 
 
 class KID(Metric):

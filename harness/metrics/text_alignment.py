@@ -2,8 +2,12 @@
 and finding weights without a download.
 
 Prompts come from the model spec (models.yaml `prompts`): a list of captions, or the path of a text
-file with one caption per line, or a COCO captions JSON. Sample i was generated from prompt i mod N; `prompts_for_samples` is
-the one place that rule lives, so a text-conditional sampler and these metrics agree on it.
+file with one caption per line, or a COCO captions JSON. Sample i of a cell seeded with `seed` is generated from
+caption prompt_indices(seed, [i], N): like a class label (harness.labels), every block of N consecutive samples
+takes each caption once, in an order drawn from (seed, block), so different seeds of a grid see different
+captions, a sample's caption does not depend on its batch, and all methods of a model give sample i the same
+caption. `prompt_indices` is the one place that rule lives; the adapters record each sample's index in
+samples.npz (`prompt_index`) and the metrics read the cell's own record (`recorded_prompts`).
 """
 
 from __future__ import annotations
@@ -49,15 +53,36 @@ def load_prompts(model_id: str, spec: dict) -> list[str]:
     return list(prompts)
 
 
-def prompt_indices(indices, num_prompts: int) -> np.ndarray:
-    """Sample i's caption index, i mod N: it depends only on i (so on (seed, i)), as its noise does; the one place
-    this rule lives, for text-conditional adapters and these metrics."""
-    return np.asarray(list(indices), dtype=np.int64) % num_prompts
+PROMPT_STREAM = 0x7072  # the captions' random stream, apart from the class labels' (harness.labels)
 
 
-def prompts_for_samples(prompts: Sequence[str], num_samples: int) -> list[str]:
-    """Sample i's caption: prompts[i mod N]."""
-    return [prompts[i] for i in prompt_indices(range(num_samples), len(prompts))]
+def prompt_indices(seed: int, indices, num_prompts: int) -> np.ndarray:
+    """int64 caption indices of the samples `indices` of a cell seeded with `seed`: they depend only on (seed, i),
+    as the noise does (a seeded permutation per block of N samples, harness.labels.balanced_indices)."""
+    from harness.labels import balanced_indices
+
+    return balanced_indices(seed, indices, num_prompts, PROMPT_STREAM)
+
+
+def prompts_for_samples(prompts: Sequence[str], seed: int, num_samples: int) -> list[str]:
+    """The captions of samples 0 .. S - 1 of a cell seeded with `seed`."""
+    return [prompts[i] for i in prompt_indices(seed, range(num_samples), len(prompts))]
+
+
+def recorded_prompts(prompt_index, prompts: Sequence[str], num_samples: int, metric: str) -> list[str]:
+    """The captions a cell's samples were generated from, by the indices its samples.npz records."""
+    if prompt_index is None:
+        raise StepbenchError(f"{metric}: the cell's samples.npz records no prompt_index (the caption of each "
+                             "sample); it was not sampled by a text-conditional adapter, or before they were "
+                             "recorded: sample it again")
+    index = np.asarray(prompt_index, dtype=np.int64)
+    if index.shape != (num_samples,):
+        raise StepbenchError(f"{metric}: the cell records {list(index.shape)} prompt indices for {num_samples} "
+                             "samples; sample it again")
+    if len(index) and (index.min() < 0 or index.max() >= len(prompts)):
+        raise StepbenchError(f"{metric}: the cell's prompt_index reaches {int(index.max())} but the model has "
+                             f"{len(prompts)} prompts (its prompts changed since the cell was sampled: sample again)")
+    return [prompts[i] for i in index]
 
 
 def prompts_sha256(prompts: Sequence[str]) -> str:

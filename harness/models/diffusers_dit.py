@@ -10,7 +10,8 @@ Class labels 0 .. num_embeds_ada_norm - 1 are the Denoiser's `cond` (balanced fr
 label num_embeds_ada_norm is the null class DiT was trained with (label dropout), the unconditional half of
 classifier-free guidance, as DiTPipeline uses it. The entry's `classes` must state the number of classes.
 
-    params: {dtype, network_batch (16), decode_batch (8), cache_dir, allow_pickle}
+    params: {dtype, network_batch (16), decode_batch (8), cache_dir, allow_pickle, compile (the transformer, once per
+             process: harness.models.compiled)}
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from harness.errors import ConfigError
 from harness.models.base import DenoiserInfo, NetworkDenoiser
 from harness.models.checkpoint import load_module, locate
+from harness.models.compiled import compile_mode, load_network
 from harness.models.diffusers_sd import vae_decode
 from harness.models.diffusers_unet import _check_process, _dtype, _prediction
 from harness.schedules import make_process
@@ -42,7 +44,7 @@ class DiffusersDiT(NetworkDenoiser):
         params = spec.get("params", {})
         checkpoint, process, prediction, config = _setup(spec)
         dtype = _dtype(params.get("dtype", "float32"))
-        transformer = load_module(checkpoint, "transformer", DiTTransformer2DModel, dtype).to(device)
+        transformer, network = load_network(checkpoint, "transformer", DiTTransformer2DModel, dtype, device, params)
         vae = load_module(checkpoint, "vae", AutoencoderKL, dtype).to(device)
         channels, size = transformer.config.in_channels, transformer.config.sample_size
         classes = transformer.config.num_embeds_ada_norm
@@ -53,7 +55,7 @@ class DiffusersDiT(NetworkDenoiser):
         @torch.inference_mode()
         def net(x_t, t, cond=None):
             labels = cond if cond is not None else torch.full((len(x_t),), classes, device=x_t.device)
-            out = transformer(x_t, timestep=t, class_labels=labels, return_dict=False)[0]
+            out = network(x_t, timestep=t, class_labels=labels, return_dict=False)[0]
             return out[:, :channels]  # a learned sigma follows the eps channels
 
         denoiser = cls(net, info, module=transformer, chunk=int(params.get("network_batch", 16)))
@@ -68,6 +70,7 @@ def _setup(spec: dict):
     params = spec.get("params", {})
     checkpoint = locate(spec, "diffusers_dit", FILES)
     _dtype(params.get("dtype", "float32"))
+    compile_mode(params, checkpoint.source)
     if checkpoint.check_pipeline(PIPELINES) is None:
         raise ConfigError(f"diffusers_dit: {checkpoint.source} has no model_index.json; it needs a DiTPipeline "
                           f"folder (transformer/, vae/, scheduler/)")

@@ -9,14 +9,16 @@ the latents, where mse_ref is measured); `decode` is the VAE's decoder on latent
 from the network (`params.decode_batch`). The noise process is models.yaml's, checked against the scheduler
 config's betas as diffusers_unet does, and the prediction type is the config's (SD 2.x 768: v_prediction).
 
-Conditioning: sample i's caption is prompts[i mod N] (harness.metrics.text_alignment.prompt_indices, the rule
-clip_score reads), from models.yaml `prompts` (a list, a text file with one per line, or a COCO captions JSON);
-samples.npz records each sample's prompt index. `conditions` encodes a batch's distinct captions once (the
+Conditioning: sample i's caption is prompts[prompt_indices(seed, [i], N)] (harness.metrics.text_alignment: a
+seeded permutation per block of N samples, so it depends only on (seed, i)), from models.yaml `prompts` (a list, a
+text file with one per line, or a COCO captions JSON); samples.npz records each sample's prompt index, which
+clip_score reads. `conditions` encodes a batch's distinct captions once (the
 CLIP text encoder's last hidden state, as StableDiffusionPipeline.encode_prompt); the empty caption is the null
 condition of classifier-free guidance, as the pipeline's default negative prompt.
 
     params: {dtype: float32 | float16 | bfloat16, network_batch: rows per UNet call (16), decode_batch: latents
-             per VAE decode (8), cache_dir, allow_pickle: see harness.models.checkpoint}
+             per VAE decode (8), cache_dir, allow_pickle: see harness.models.checkpoint, compile: torch.compile
+             the UNet once per process (harness.models.compiled)}
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from harness.errors import ConfigError
 from harness.models.base import DenoiserInfo, NetworkDenoiser, condition_length, condition_rows
 from harness.models.checkpoint import load_module, load_tokenizer, locate
+from harness.models.compiled import compile_mode, load_network
 from harness.models.diffusers_unet import _check_process, _dtype, _prediction
 from harness.schedules import make_process
 
@@ -59,7 +62,7 @@ class StableDiffusion(NetworkDenoiser):
         params = spec.get("params", {})
         checkpoint, process, prediction, prompts = _setup(spec)
         dtype = _dtype(params.get("dtype", "float32"))
-        unet = load_module(checkpoint, "unet", UNet2DConditionModel, dtype).to(device)
+        unet, network = load_network(checkpoint, "unet", UNet2DConditionModel, dtype, device, params)
         vae = load_module(checkpoint, "vae", AutoencoderKL, dtype).to(device)
         text_encoder = load_module(checkpoint, "text_encoder", CLIPTextModel, dtype).to(device)
         tokenizer = load_tokenizer(checkpoint, "tokenizer", CLIPTokenizer)
@@ -77,7 +80,7 @@ class StableDiffusion(NetworkDenoiser):
         )
 
         denoiser = cls(None, info, module=unet, chunk=int(params.get("network_batch", 16)))
-        denoiser.net = denoiser.unet_call
+        denoiser.net, denoiser.network = denoiser.unet_call, network
         denoiser.vae, denoiser.text_encoder, denoiser.tokenizer = vae, text_encoder, tokenizer
         denoiser.prompts, denoiser.decode_batch = prompts, int(params.get("decode_batch", 8))
         denoiser._null = None
@@ -87,7 +90,7 @@ class StableDiffusion(NetworkDenoiser):
     def unet_call(self, x_t, t, cond=None):
         """The UNet's prediction; no condition is the unconditional model (the empty caption)."""
         cond = self.null_condition(x_t) if cond is None else cond
-        return self.module(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+        return self.network(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
 
     # ---- text conditioning ----
 
@@ -101,7 +104,7 @@ class StableDiffusion(NetworkDenoiser):
     def conditions(self, seed, indices):
         from harness.metrics.text_alignment import prompt_indices
 
-        which = prompt_indices(indices, len(self.prompts))
+        which = prompt_indices(seed, indices, len(self.prompts))
         distinct, rows = np.unique(which, return_inverse=True)  # each caption of the batch encoded once
         embeddings = self.encode([self.prompts[k] for k in distinct])  # a tensor, or a dict of them (SD3)
         return condition_rows(embeddings, torch.as_tensor(rows, device=self.info.device))
@@ -109,7 +112,7 @@ class StableDiffusion(NetworkDenoiser):
     def condition_record(self, seed, num_samples):
         from harness.metrics.text_alignment import prompt_indices
 
-        return {"prompt_index": prompt_indices(range(num_samples), len(self.prompts))}
+        return {"prompt_index": prompt_indices(seed, range(num_samples), len(self.prompts))}
 
     def null_condition(self, cond):
         if self._null is None:
@@ -150,6 +153,7 @@ def check_text_pipeline(spec: dict, adapter: str, pipelines: set[str], parts: di
 
     checkpoint = locate(spec, adapter, files)
     _dtype(spec.get("params", {}).get("dtype", "float32"))
+    compile_mode(spec.get("params", {}), checkpoint.source)
     if checkpoint.check_pipeline(pipelines) is None:
         layout = ", ".join(f"{folder}/" for folder in (*parts, *tokenizers, "scheduler"))
         raise ConfigError(f"{adapter}: {checkpoint.source} has no model_index.json; it needs a "

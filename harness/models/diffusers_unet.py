@@ -25,7 +25,8 @@ trainers append it after the classes).
     params: {subfolder: unet, dtype: float32 | float16 | bfloat16 | float64, prediction: eps | v | x0,
              null_class: int, network_batch: rows per network call (64; see NetworkDenoiser),
              cache_dir: the Hugging Face cache to read (default: HF_HUB_CACHE / ~/.cache/huggingface/hub),
-             allow_pickle: load .bin/.pt weights (torch.load with weights_only=True); safetensors only by default}
+             allow_pickle: load .bin/.pt weights (torch.load with weights_only=True); safetensors only by default,
+             compile: torch.compile the UNet, once per process (harness.models.compiled)}
 
 What is refused, and why, is harness.models.checkpoint's: the checkpoint must be a pixel UNet2DModel (a pipeline
 folder of DDPMPipeline, DDIMPipeline, PNDMPipeline or ConsistencyModelPipeline, or a bare model folder) whose
@@ -39,7 +40,8 @@ import torch
 
 from harness.errors import ConfigError
 from harness.models.base import DenoiserInfo, NetworkDenoiser
-from harness.models.checkpoint import load_module, locate
+from harness.models.checkpoint import locate
+from harness.models.compiled import compile_mode, load_network
 from harness.models.consistency import SCHEDULER_CLASS, ConsistencyParametrisation, check_edm_process
 from harness.schedules import VPDiscrete, make_process
 
@@ -67,7 +69,7 @@ class DiffusersUNet(NetworkDenoiser):
         checkpoint, subfolder, process, prediction, consistency = _checkpoint_setup(spec)
         source = checkpoint.source
         dtype = _dtype(params.get("dtype", "float32"))
-        unet = load_module(checkpoint, subfolder, UNet2DModel, dtype).to(device)
+        unet, network = load_network(checkpoint, subfolder, UNet2DModel, dtype, device, params)
         size = unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         channels = unet.config.in_channels
@@ -93,7 +95,7 @@ class DiffusersUNet(NetworkDenoiser):
         )
 
         def unet_call(x_t, t, labels):
-            return unet(x_t, t, class_labels=labels, return_dict=False)[0]
+            return network(x_t, t, class_labels=labels, return_dict=False)[0]
 
         def make_net(call):
             """The Denoiser's network around `call(x_t, t, class_labels)`: the UNet, or a transform of it."""
@@ -126,6 +128,7 @@ def _checkpoint_setup(spec: dict):
     checkpoint = locate(spec, "diffusers_unet", FILES)
     source = checkpoint.source
     _dtype(params.get("dtype", "float32"))
+    compile_mode(params, source)
     # a pipeline folder names its parts; a latent pipeline (LDMPipeline's vqvae) is refused, not read as pixels
     index = checkpoint.check_pipeline(PIPELINES, latent_components={"vqvae", "vae"})
     if index is not None and "unet" not in index:
