@@ -67,10 +67,12 @@ def test_kv_cache_changes_nothing(model, exact):
 
 
 def test_jacobi_converges_to_the_sequential_inverse(model, exact):
-    # ebound 0: a causal iteration is exact after T - 1 passes; the T-th changes nothing and stops
-    result = jacobi(model, noise(), LABELS, max_iter=100, ebound=0, clamp=None)
+    # a causal iteration is exact after T passes (position t is final after t + 1). That the T-th pass then changes
+    # nothing bit for bit (ebound 0 stopping at T) depends on the CPU's attention kernels: on an AVX-512 machine a
+    # token's last bits still move with later tokens' values, and ebound 0 ran 19-29 passes; so: T passes, compared
+    result = jacobi(model, noise(), LABELS, max_iter=T, ebound=0, clamp=None)
     assert result.cost["block_iterations_max"] == [T] * K
-    assert rms(result.x, exact.x) <= 1e-5
+    assert rms(result.x, exact.x) <= 1e-10
     adaptive = jacobi(model, noise(), LABELS, max_iter=100, ebound=1e-12, clamp=None)
     assert max(adaptive.cost["block_iterations_max"]) < T  # this flow contracts: it converges sooner
     assert rms(adaptive.x, exact.x) <= 1e-5
