@@ -35,6 +35,7 @@ import torch
 from harness.errors import ConfigError
 from harness.models.base import DenoiserInfo
 from harness.models.checkpoint import load_module
+from harness.models.compiled import load_network
 from harness.models.diffusers_sd import StableDiffusion, check_text_pipeline, pipeline_files, vae_decode
 from harness.models.diffusers_unet import _check_process, _dtype, _prediction
 
@@ -70,7 +71,7 @@ class AudioLDM(StableDiffusion):
         params = spec.get("params", {})
         checkpoint, process, prediction, prompts, layout = _setup(spec)
         dtype = _dtype(params.get("dtype", "float32"))
-        unet = load_module(checkpoint, "unet", UNet2DConditionModel, dtype).to(device)
+        unet, network = load_network(checkpoint, "unet", UNet2DConditionModel, dtype, device, params)
         vae = load_module(checkpoint, "vae", AutoencoderKL, dtype).to(device)
         text_encoder = load_module(checkpoint, "text_encoder", ClapTextModelWithProjection, dtype).to(device)
         vocoder = load_module(checkpoint, "vocoder", SpeechT5HifiGan, dtype).to(device)
@@ -87,7 +88,7 @@ class AudioLDM(StableDiffusion):
                    "sample_rate": layout.sample_rate},
         )
         denoiser = cls(None, info, module=unet, chunk=int(params.get("network_batch", 16)))
-        denoiser.net = denoiser.unet_call
+        denoiser.net, denoiser.network = denoiser.unet_call, network
         denoiser.vae, denoiser.vocoder, denoiser.decode_batch = vae, vocoder, int(params.get("decode_batch", 8))
         denoiser.text_encoder, denoiser.tokenizer, denoiser.prompts = text_encoder, tokenizer, prompts
         denoiser.num_audio_samples = layout.num_audio_samples
@@ -98,7 +99,7 @@ class AudioLDM(StableDiffusion):
     def unet_call(self, x_t, t, cond=None):
         """The UNet's prediction; the text embedding is its class embedding, nothing is cross-attended."""
         cond = self.null_condition(x_t) if cond is None else cond
-        return self.module(x_t, t, encoder_hidden_states=None, class_labels=cond, return_dict=False)[0]
+        return self.network(x_t, t, encoder_hidden_states=None, class_labels=cond, return_dict=False)[0]
 
     @torch.inference_mode()
     def encode(self, captions: list[str]) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 from harness.errors import ConfigError
 from harness.models.base import DenoiserInfo
 from harness.models.checkpoint import load_module, load_tokenizer
+from harness.models.compiled import load_network
 from harness.models.diffusers_sd import StableDiffusion, check_text_pipeline
 from harness.models.diffusers_unet import _dtype
 from harness.schedules import RectifiedFlow
@@ -62,7 +63,7 @@ class StableDiffusion3(StableDiffusion):
         params = spec.get("params", {})
         checkpoint, process, prompts, timestep_scale, max_sequence_length = _setup(spec)
         dtype = _dtype(params.get("dtype", "float32"))
-        transformer = load_module(checkpoint, "transformer", SD3Transformer2DModel, dtype).to(device)
+        transformer, network = load_network(checkpoint, "transformer", SD3Transformer2DModel, dtype, device, params)
         vae = load_module(checkpoint, "vae", AutoencoderKL, dtype).to(device)
         encoders = [load_module(checkpoint, part, CLIPTextModelWithProjection, dtype).to(device) for part in CLIP]
         encoders.append(load_module(checkpoint, "text_encoder_3", T5EncoderModel, dtype).to(device))
@@ -81,7 +82,7 @@ class StableDiffusion3(StableDiffusion):
         )
 
         denoiser = cls(None, info, module=transformer, chunk=int(params.get("network_batch", 16)))
-        denoiser.net = denoiser.transformer_call
+        denoiser.net, denoiser.network = denoiser.transformer_call, network
         denoiser.vae, denoiser.text_encoders, denoiser.tokenizers = vae, encoders, tokenizers
         denoiser.prompts, denoiser.decode_batch = prompts, int(params.get("decode_batch", 8))
         denoiser.timestep_scale, denoiser.max_sequence_length = timestep_scale, max_sequence_length
@@ -92,7 +93,7 @@ class StableDiffusion3(StableDiffusion):
     def transformer_call(self, x_t, t, cond=None):
         """The velocity eps - x0 at flow time t; no condition is the unconditional model (the empty caption)."""
         cond = self.null_condition(x_t) if cond is None else cond
-        return self.module(x_t, encoder_hidden_states=cond["encoder_hidden_states"],
+        return self.network(x_t, encoder_hidden_states=cond["encoder_hidden_states"],
                            pooled_projections=cond["pooled_projections"], timestep=t * self.timestep_scale,
                            return_dict=False)[0]
 
