@@ -214,6 +214,10 @@ def plan(config: dict) -> Plan:
             if models[other]["process"] != models[cell.model]["process"]:
                 raise ConfigError(f"{config['methods_file']}: method {cell.method!r} runs {other!r} beside "
                                   f"{cell.model!r}, whose noise process differs")
+            for key in ("classes", "prompts"):  # the small network runs on the large model's conditions
+                if models[other].get(key) != models[cell.model].get(key):
+                    raise ConfigError(f"{config['methods_file']}: method {cell.method!r} runs {other!r} beside "
+                                      f"{cell.model!r}, whose {key} differ")
             batch = min(models[cell.model].get("batch_size", 250), result.num_samples[cell.model])
             path = flops_path(cache_dir, other, models[other], batch)
             result.flops[path] = (other, batch)

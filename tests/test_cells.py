@@ -135,7 +135,7 @@ def test_cli_sample_and_evaluate_round_trip(repo_files):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--model", "nope", "--method", "euler", "--nfe", "4"], "models.yaml: no model 'nope'; valid: gmm2d, digits-ideal"),
+        (["--model", "nope", "--method", "euler", "--nfe", "4"], "models.yaml: no model 'nope'; nearest valid: "),
         (["--model", "gmm2d", "--method", "nope", "--nfe", "4"], "methods.yaml: no method 'nope'; nearest valid: "),
         (["--model", "gmm2d", "--method", "heun", "--nfe", "8"], "NFE=8 cannot be met; nearest: 7, 9"),
         (["--model", "gmm2d", "--method", "euler", "--nfe", "4", "--models-file", "missing.yaml"],

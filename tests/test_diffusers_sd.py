@@ -57,15 +57,19 @@ def tiny_tokenizer(folder):
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=12)
 
 
-def save_tiny_sd(folder, prediction_type="epsilon"):
-    torch.manual_seed(0)
+def save_tiny_sd(folder, prediction_type="epsilon", mid_block=True):
+    """`mid_block=False`: a BK-SDM-like UNet (no mid-block, other weights) beside the same VAE and text encoder."""
+    torch.manual_seed(0 if mid_block else 3)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                norm_num_groups=4, attention_head_dim=2)
+                                norm_num_groups=4, attention_head_dim=2,
+                                mid_block_type="UNetMidBlock2DCrossAttn" if mid_block else None)
+    torch.manual_seed(1)  # each part seeded apart: the VAE and text encoder do not depend on the UNet's size
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=4, sample_size=16)
+    torch.manual_seed(2)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=54, hidden_size=16, intermediate_size=32,
                                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12,
                                                 bos_token_id=0, eos_token_id=1, pad_token_id=1))
@@ -170,3 +174,63 @@ def test_refusals_at_planning(sd_folder, tmp_path):
         check_model({k: v for k, v in spec(sd_folder).items() if k != "prompts"})
     (tmp_path / "coco.json").write_text(json.dumps({"annotations": [{"caption": "a cat "}, {"caption": "a dog"}]}))
     assert load_denoiser(spec(sd_folder, prompts=str(tmp_path / "coco.json"))).prompts == ["a cat", "a dog"]
+
+
+def test_a_stitched_pair_of_text_models_runs_on_the_large_models_captions(sd_folder, tmp_path):
+    """T-Stitch with a BK-SDM-like small UNet before the tiny SD one, under guidance: the evaluations split on the
+    noise level, and at fraction 1 the cell is the small model's own cell (same captions, same noise)."""
+    from harness.cells import run_cell
+
+    small = save_tiny_sd(tmp_path / "tiny-bksdm", mid_block=False)
+    models = {"tiny-sd": spec(sd_folder), "tiny-bksdm": spec(small)}
+    methods = load_methods("methods.yaml")
+    stitch = {**methods["tstitch_bksdm_40_dpmpp_2m"], "stitch": {"small": "tiny-bksdm", "fraction": 0.4,
+                                                                 "base": "dpmpp_2m"}}
+    run = dict(num_samples=4, batch_size=3, guidance=3.0, models=models)
+    cell = run_cell("tiny-sd", models["tiny-sd"], "stitch", stitch, 10, tmp_path / "s", **run)
+    passes = cell["evals_by_model"]  # network passes: each guided evaluation is two, on whichever network
+    assert cell["nfe_measured"] == 10 and passes["tiny-sd"] + passes["tiny-bksdm"] == 20 == cell["network_evals"]
+    assert 0 < passes["tiny-bksdm"] < 20 and passes["tiny-bksdm"] % 2 == 0
+    whole = {**stitch, "stitch": {**stitch["stitch"], "fraction": 1.0}}
+    run_cell("tiny-sd", models["tiny-sd"], "stitch", whole, 6, tmp_path / "w", **run)
+    run_cell("tiny-bksdm", models["tiny-bksdm"], "dpmpp_2m", methods["dpmpp_2m"], 6, tmp_path / "a", **run)
+    a, b = (np.load(tmp_path / d / "samples.npz") for d in ("w", "a"))
+    np.testing.assert_array_equal(a["samples"], b["samples"])
+    np.testing.assert_array_equal(a["prompt_index"], b["prompt_index"])
+
+
+def test_a_stitched_pair_with_another_text_encoder_is_refused(sd_folder, tmp_path):
+    from harness.cells import run_cell
+
+    folder = save_tiny_sd(tmp_path / "other", mid_block=False)
+    torch.manual_seed(5)  # the same architecture, other weights: the captions would be embedded otherwise
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    for p in encoder.parameters():
+        torch.nn.init.normal_(p)
+    encoder.save_pretrained(folder / "text_encoder")
+    models = {"tiny-sd": spec(sd_folder), "other": spec(folder)}
+    stitch = {**load_methods("methods.yaml")["tstitch_bksdm_40_dpmpp_2m"],
+              "stitch": {"small": "other", "fraction": 0.4, "base": "dpmpp_2m"}}
+    with pytest.raises(ConfigError, match="^stitch: other cannot take the large model's conditions: its text encoder "
+                                          "gives other embeddings of the same captions$"):
+        run_cell("tiny-sd", models["tiny-sd"], "stitch", stitch, 6, tmp_path / "s", num_samples=2, models=models)
+    with pytest.raises(ConfigError, match="its prompts differ$"):
+        run_cell("tiny-sd", models["tiny-sd"], "stitch", {**stitch, "stitch": {**stitch["stitch"], "small": "sd2"}},
+                 6, tmp_path / "p", num_samples=2, models={**models, "sd2": spec(sd_folder, prompts=["a cat"])})
+
+
+def test_a_stitched_pair_with_other_captions_is_refused_at_planning(sd_folder, tmp_path):
+    import yaml
+
+    from harness.workflow import plan
+
+    models = tmp_path / "models.yaml"
+    models.write_text(yaml.safe_dump({"big": spec(sd_folder), "small": spec(sd_folder, prompts=["a cat"])}))
+    methods = tmp_path / "methods.yaml"
+    methods.write_text(yaml.safe_dump({
+        "dpmpp_2m": load_methods("methods.yaml")["dpmpp_2m"],
+        "st": {"family": "stitch", "stitch": {"small": "small", "fraction": 0.4, "base": "dpmpp_2m"}}}))
+    config = {"models_file": str(models), "methods_file": str(methods), "results_dir": str(tmp_path / "r"),
+              "models": ["big"], "methods": ["st"], "nfe": [5]}
+    with pytest.raises(ConfigError, match="method 'st' runs 'small' beside 'big', whose prompts differ$"):
+        plan(config)

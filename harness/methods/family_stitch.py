@@ -97,6 +97,9 @@ class StitchSampler(Sampler):
         if small.data_shape != large.data_shape or small.process.describe() != large.process.describe():
             raise ConfigError(f"stitch: {self.small_id} ({small.data_shape}, {small.process.describe()['kind']}) "
                               f"does not share the large model's data space and noise process")
+        mismatch = denoiser.condition_mismatch(self.small)
+        if mismatch is not None:  # the small network runs on the large model's conditions
+            raise ConfigError(f"stitch: {self.small_id} cannot take the large model's conditions: {mismatch}")
         return StitchedDenoiser(denoiser, self.small, self.fraction)
 
     def sample(self, denoiser, noise, nfe, cond=None, generator=None):

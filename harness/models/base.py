@@ -94,6 +94,17 @@ class Denoiser(ABC):
 
         return {"labels": sample_labels(seed, range(num_samples), self.info.num_classes)}
 
+    def condition_mismatch(self, other: "Denoiser") -> str | None:
+        """Why `other` cannot take this model's conditions, or None: a stitched pair runs both networks on the
+        large model's (harness.methods.family_stitch). By default the class labels and null class must agree."""
+        other = innermost(other)
+        if other.info.extra.get("text"):
+            return "it is text-conditional"
+        mine, theirs = ((d.info.num_classes, d.info.null_class) for d in (self, other))
+        if mine != theirs:
+            return f"its classes (num_classes, null_class) {theirs} differ from {mine}"
+        return None
+
     def null_condition(self, cond: Any) -> Any:
         """The unconditional model's `cond` for the rows of `cond` (guidance): the null class by default."""
         if self.info.null_class is None:
@@ -128,6 +139,16 @@ class WrappedDenoiser(Denoiser):
 
     def null_condition(self, cond):
         return self.inner.null_condition(cond)
+
+    def condition_mismatch(self, other):
+        return self.inner.condition_mismatch(other)
+
+
+def innermost(denoiser: Denoiser) -> Denoiser:
+    """The adapter's denoiser under its wrappers (counted, guided, stitched)."""
+    while isinstance(denoiser, WrappedDenoiser):
+        denoiser = denoiser.inner
+    return denoiser
 
 
 def condition_rows(cond: Any, rows) -> Any:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from harness.errors import ConfigError
-from harness.models.base import DenoiserInfo, NetworkDenoiser, condition_length, condition_rows
+from harness.models.base import DenoiserInfo, NetworkDenoiser, condition_length, condition_rows, innermost
 from harness.models.checkpoint import load_module, load_tokenizer, locate
 from harness.models.compiled import compile_mode, load_network
 from harness.models.diffusers_unet import _check_process, _dtype, _prediction
@@ -119,10 +119,30 @@ class StableDiffusion(NetworkDenoiser):
             self._null = self.encode([""])
         return condition_rows(self._null, [0] * condition_length(cond))
 
+    def condition_mismatch(self, other):
+        """Another text model takes this one's conditions (a stitched pair: BK-SDM beside SD 1.5) when it has the
+        same prompts and its text encoder gives the same embeddings, checked on the first caption and the null."""
+        other = innermost(other)
+        if type(other) is not type(self):
+            return f"it is a {type(other).__name__}, not a {type(self).__name__}"
+        if other.prompts != self.prompts:
+            return "its prompts differ"
+        probe = [self.prompts[0], ""]
+        mine, theirs = self.encode(probe), other.encode(probe)
+        if isinstance(mine, dict):  # SD3's
+            same = mine.keys() == theirs.keys() and all(_equal(mine[k], theirs[k]) for k in mine)
+        else:
+            same = _equal(mine, theirs)
+        return None if same else "its text encoder gives other embeddings of the same captions"
+
     # ---- latents to images ----
 
     def decode(self, z0):
         return vae_decode(self.vae, z0, self.decode_batch, self.info.dtype)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
 
 
 @torch.inference_mode()
