@@ -35,6 +35,14 @@ def test_prompts_from_list_and_file(tmp_path):
     assert captions == [from_file[k] for k in prompt_indices(0, range(7), 3)]
 
 
+
+def test_the_shipped_prompt_list_loads_distinct_captions():
+    from conftest import REPO
+
+    captions = load_prompts("m", {"prompts": str(REPO / "prompts" / "small.txt")})
+    assert len(captions) == 48 == len(set(captions)) and all(c == c.strip() and c for c in captions)
+
+
 def test_a_samples_prompt_depends_on_seed_and_index_only():
     n, count = 7, 30
     whole = prompt_indices(4, range(count), n)
