@@ -19,6 +19,7 @@ from harness.memory import PeakMemory
 from harness.methods import make_sampler
 from harness.models import load_denoiser, resolve_device
 from harness.models.base import Denoiser
+from harness.progress import batch_progress
 from harness.nfe import CountingDenoiser
 from harness.noise import NOISE_VERSION, SampleNoise
 from harness.provenance import environment
@@ -57,7 +58,7 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
     info = denoiser.info
     done = store.finished()
     starts = [start for start in range(0, num_samples, batch_size) if start not in done]
-    progress = _progress(len(starts), num_samples > 4 * batch_size)
+    progress = batch_progress(len(starts), "sampling")  # each batch: sampling and decoding
     for start in starts:
         counted = CountingDenoiser(sampler.denoiser_for(denoiser))  # the audited NFE: the sampler's denoiser calls
         before = {m: (c.network_rows, c.network_s) for m, c in networks.items()}
@@ -93,13 +94,6 @@ def generate(denoiser: Denoiser, sampler, nfe: int, seed: int, num_samples: int,
     return Generated(store.array("samples"), store.array("noise"), sum(r["rows"] for r in records) / num_samples,
                      sum(r["wall_s"] for r in records), sum(r["network_s"] for r in records), status,
                      store.array("latents"), conditions, evals)
-
-
-def _progress(batches: int, show: bool):
-    """Per-batch progress with throughput and ETA on stderr (the job's log), for cells of many batches."""
-    from tqdm import tqdm
-
-    return tqdm(total=batches, unit="batch", desc="sampling", disable=not show, mininterval=2.0)
 
 
 def _plain_number(value: float) -> int | float:

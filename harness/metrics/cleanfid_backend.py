@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from harness.errors import ConfigError, StepbenchError
+from harness.progress import batch_progress
 
 EXTRACTOR = "clean-fid-inception"  # the name provenance and cache keys use for clean-fid's network
 WEIGHTS_FILENAME = "inception-2015-12-05.pt"  # the name InceptionV3W loads
@@ -80,10 +81,14 @@ def extract_features(images: torch.Tensor, weights_file: Path | None, device: st
         model = load_model(weights_file, device)
     hwc = images.permute(0, 2, 3, 1).numpy()
     out = []
+    starts = range(0, len(hwc), batch_size)
+    progress = batch_progress(len(starts), "features (clean-fid)")
     with torch.no_grad():
-        for start in range(0, len(hwc), batch_size):
+        for start in starts:
             batch = torch.stack([resize_clean(image) for image in hwc[start:start + batch_size]])
             out.append(model(batch.to(device)).cpu())
+            progress.update(1)
+    progress.close()
     return torch.cat(out).to(torch.float32)
 
 

@@ -29,6 +29,7 @@ from harness import accounting
 from harness.errors import ConfigError, StepbenchError, valid_names
 from harness.cellstore import row_chunks
 from harness.files import save_npz
+from harness.progress import shows_progress
 from harness.metrics import cleanfid_backend
 from harness.metrics.base import EvalContext, Metric, MetricValue
 from harness.metrics.bootstrap import (BootstrapSpec, bootstrap_interval, bootstrap_interval_of, bootstrap_replicates,
@@ -174,8 +175,10 @@ def extract_features(images: torch.Tensor, extractor: str, weights: Path, layers
     net = create_feature_extractor(spec.registered_name(extractor), layers, cuda=cuda,
                                    feature_extractor_weights_path=str(weights), verbose=False)
     # save_cpu_ram: no DataLoader worker processes; they cost more than they save on small images
+    # torch-fidelity's own per-batch bar ("Processing samples") where the work is long
+    verbose = shows_progress(-(-len(images) // spec.batch_size))
     return get_featuresdict_from_dataset(UInt8ImageDataset(images), net, spec.batch_size, cuda,
-                                         save_cpu_ram=True, verbose=False)
+                                         save_cpu_ram=True, verbose=verbose)
 
 
 def setup_features(images: torch.Tensor, setup: FidelitySetup, weights: Path, layers: list[str],

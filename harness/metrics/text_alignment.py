@@ -23,6 +23,7 @@ import torch
 from harness.errors import ConfigError, StepbenchError
 from harness.metrics.bootstrap import BootstrapSpec
 from harness.metrics.bootstrap import bootstrap_interval as _bootstrap
+from harness.progress import batch_progress
 
 BOOTSTRAP = BootstrapSpec(resamples=1000, confidence=0.95, seed=0)  # a mean of per-sample scores is cheap
 
@@ -105,9 +106,15 @@ def clip_score_from_cosine(cosine: torch.Tensor) -> torch.Tensor:
 def embed_in_batches(count: int, batch_size: int, embed_batch) -> torch.Tensor:
     """torch.cat of embed_batch(start, stop) over consecutive batches of `count` items, without autograd;
     each batch's embeddings come back as float32 on the CPU."""
+    starts = range(0, count, batch_size)
+    progress = batch_progress(len(starts), "embedding")
+    out = []
     with torch.inference_mode():
-        return torch.cat([embed_batch(start, min(start + batch_size, count)).float().cpu()
-                          for start in range(0, count, batch_size)])
+        for start in starts:
+            out.append(embed_batch(start, min(start + batch_size, count)).float().cpu())
+            progress.update(1)
+    progress.close()
+    return torch.cat(out)
 
 
 def bootstrap_interval(values: np.ndarray) -> tuple[float, float]:
