@@ -62,3 +62,29 @@ def test_compile_settings_are_checked_at_planning(pipeline_folder):
         check_model(spec(pipeline_folder, params={"compile": "reduce-overhead"}))
     with pytest.raises(ConfigError, match="params.compile is true, false or one of"):
         check_model(spec(pipeline_folder, params={"compile": "yes"}))
+
+
+def test_network_batch_auto_is_the_largest_chunk_that_fits(pipeline_folder, monkeypatch):
+    """params.network_batch: auto halves the first call's rows while the device runs out of memory (simulated
+    here: the UNet refuses calls of more than 5 rows), keeps that chunk, and gives the samples of a fixed one."""
+    auto = load_denoiser(spec(pipeline_folder, params={"network_batch": "auto"}))
+    fixed = load_denoiser(spec(pipeline_folder, params={"network_batch": 4}))
+    assert auto.chunk is None
+    net, calls = auto.net, []
+
+    def small_device(x_t, t, cond):
+        calls.append(len(x_t))
+        if len(x_t) > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return net(x_t, t, cond)
+
+    monkeypatch.setattr(auto, "net", small_device)
+    x = torch.randn(16, *auto.info.data_shape, generator=torch.Generator().manual_seed(0))
+    labels = auto.conditions(0, range(16))
+    got = auto(x, 2.0, labels)
+    assert auto.chunk == 4 and calls == [16, 8, 4, 4, 4, 4]  # 16 and 8 rows failed; 4 chunks of 4 ran
+    torch.testing.assert_close(got, fixed(x, 2.0, labels), rtol=0, atol=0)
+    auto(x[:7], 2.0, None if labels is None else labels[:7])
+    assert calls[6:] == [4, 4]  # kept: later calls are not probed again
+    with pytest.raises(ConfigError, match=r"network_batch: rows per network call, an integer >= 1 or 'auto'; not 0$"):
+        check_model(spec(pipeline_folder, params={"network_batch": 0}))

@@ -175,6 +175,8 @@ class QuantizedSampler(Sampler):
         network = network_of(denoiser)
         if network is not denoiser:
             raise ConfigError("family quantized: the cell's model must be a network denoiser")
+        if network.chunk is None:  # the quantised network is built and compiled for the adapter's chunk
+            raise ConfigError("family quantized: set the model's params.network_batch to a number, not 'auto'")
         if self.prepare_scope is not None and self.artifact is None:
             raise RuntimeError("QuantizedSampler.use_prepared must give the calibration artifact first")
         qnet, built_here, build_s = self._built(network)

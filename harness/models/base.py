@@ -185,10 +185,12 @@ class NetworkDenoiser(Denoiser):
     The network runs on chunks of exactly `chunk` rows (the last padded): a row's output must not depend on how
     many rows share its call (the paired-noise rule), and kernels are chosen by batch size (on CPU a single row
     takes another path than two, and differs in the last bits). Padding costs at most one partial chunk a call.
+    `chunk` None (params.network_batch: auto) is the largest that fits: the first call's rows, halved while the
+    device runs out of memory, then kept for every later call.
     """
 
     def __init__(self, net: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], info: DenoiserInfo,
-                 module: torch.nn.Module | None = None, chunk: int = 64, rebind: Callable | None = None):
+                 module: torch.nn.Module | None = None, chunk: int | None = 64, rebind: Callable | None = None):
         self.net = net
         self.info = info
         self.module = module  # the network behind `net`, for transforms that need it (quantisation)
@@ -208,11 +210,27 @@ class NetworkDenoiser(Denoiser):
         return other
 
     def _net_in_chunks(self, x_t, t, cond):
+        if self.chunk is not None:
+            return self._net_in(self.chunk, x_t, t, cond)
+        chunk = len(x_t)
+        while True:
+            try:
+                out = self._net_in(chunk, x_t, t, cond)
+            except torch.cuda.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                chunk = (chunk + 1) // 2
+                torch.cuda.empty_cache()
+                continue
+            self.chunk = chunk
+            return out
+
+    def _net_in(self, chunk, x_t, t, cond):
         outs = []
-        for start in range(0, len(x_t), self.chunk):
-            rows = slice(start, start + self.chunk)
+        for start in range(0, len(x_t), chunk):
+            rows = slice(start, start + chunk)
             xs, ts, cs = x_t[rows], t[rows], condition_rows(cond, rows)
-            pad = self.chunk - len(xs)
+            pad = chunk - len(xs)
             if pad:  # repeat the chunk's first row: a valid input, and its outputs are dropped
                 first = [0] * pad
                 xs, ts = torch.cat([xs, xs[first]]), torch.cat([ts, ts[first]])
@@ -228,6 +246,17 @@ class NetworkDenoiser(Denoiser):
         x_t = x * _bcast(alpha, x)
         out = self._net_in_chunks(x_t, t, cond)
         return prediction_to_x0(self.info.prediction, out, x_t, _bcast(alpha, x), _bcast(alpha * sigma, x))
+
+
+def network_batch(params: dict, default: int) -> int | None:
+    """An entry's `params.network_batch`: rows per network call, or 'auto' (None: NetworkDenoiser finds the largest
+    that fits on the first call)."""
+    value = params.get("network_batch", default)
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"params.network_batch: rows per network call, an integer >= 1 or 'auto'; not {value!r}")
+    return value
 
 
 def prediction_to_x0(prediction: str, out, x_t, alpha, sigma_unscaled):

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from harness.errors import ConfigError
-from harness.models.base import DenoiserInfo
+from harness.models.base import DenoiserInfo, network_batch
 from harness.models.checkpoint import load_module
 from harness.models.compiled import load_network
 from harness.models.diffusers_sd import StableDiffusion, check_text_pipeline, pipeline_files, vae_decode
@@ -87,7 +87,7 @@ class AudioLDM(StableDiffusion):
             extra={"source": checkpoint.source, "text": True, "num_prompts": len(prompts), "audio": True,
                    "sample_rate": layout.sample_rate},
         )
-        denoiser = cls(None, info, module=unet, chunk=int(params.get("network_batch", 16)))
+        denoiser = cls(None, info, module=unet, chunk=network_batch(params, 16))
         denoiser.net, denoiser.network = denoiser.unet_call, network
         denoiser.vae, denoiser.vocoder, denoiser.decode_batch = vae, vocoder, int(params.get("decode_batch", 8))
         denoiser.text_encoder, denoiser.tokenizer, denoiser.prompts = text_encoder, tokenizer, prompts

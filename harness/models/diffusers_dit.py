@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from harness.errors import ConfigError
-from harness.models.base import DenoiserInfo, NetworkDenoiser
+from harness.models.base import DenoiserInfo, NetworkDenoiser, network_batch
 from harness.models.checkpoint import load_module, locate
 from harness.models.compiled import compile_mode, load_network
 from harness.models.diffusers_sd import vae_decode
@@ -58,7 +58,7 @@ class DiffusersDiT(NetworkDenoiser):
             out = network(x_t, timestep=t, class_labels=labels, return_dict=False)[0]
             return out[:, :channels]  # a learned sigma follows the eps channels
 
-        denoiser = cls(net, info, module=transformer, chunk=int(params.get("network_batch", 16)))
+        denoiser = cls(net, info, module=transformer, chunk=network_batch(params, 16))
         denoiser.vae, denoiser.decode_batch = vae, int(params.get("decode_batch", 8))
         return denoiser
 
@@ -71,6 +71,7 @@ def _setup(spec: dict):
     checkpoint = locate(spec, "diffusers_dit", FILES)
     _dtype(params.get("dtype", "float32"))
     compile_mode(params, checkpoint.source)
+    network_batch(params, 16)
     if checkpoint.check_pipeline(PIPELINES) is None:
         raise ConfigError(f"diffusers_dit: {checkpoint.source} has no model_index.json; it needs a DiTPipeline "
                           f"folder (transformer/, vae/, scheduler/)")

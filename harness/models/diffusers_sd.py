@@ -16,9 +16,10 @@ clip_score reads. `conditions` encodes a batch's distinct captions once (the
 CLIP text encoder's last hidden state, as StableDiffusionPipeline.encode_prompt); the empty caption is the null
 condition of classifier-free guidance, as the pipeline's default negative prompt.
 
-    params: {dtype: float32 | float16 | bfloat16, network_batch: rows per UNet call (16), decode_batch: latents
-             per VAE decode (8), cache_dir, allow_pickle: see harness.models.checkpoint, compile: torch.compile
-             the UNet once per process (harness.models.compiled)}
+    params: {dtype: float32 | float16 | bfloat16, network_batch: rows per UNet call (16; 'auto': the largest that
+             fits, harness.models.base.NetworkDenoiser), decode_batch: latents per VAE decode (8), cache_dir,
+             allow_pickle: see harness.models.checkpoint, compile: torch.compile the UNet once per process
+             (harness.models.compiled)}
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 
 from harness.errors import ConfigError
-from harness.models.base import DenoiserInfo, NetworkDenoiser, condition_length, condition_rows, innermost
+from harness.models.base import (DenoiserInfo, NetworkDenoiser, condition_length, condition_rows, innermost,
+                                 network_batch)
 from harness.models.checkpoint import load_module, load_tokenizer, locate
 from harness.models.compiled import compile_mode, load_network
 from harness.models.diffusers_unet import _check_process, _dtype, _prediction
@@ -79,7 +81,7 @@ class StableDiffusion(NetworkDenoiser):
             extra={"source": checkpoint.source, "text": True, "num_prompts": len(prompts)},
         )
 
-        denoiser = cls(None, info, module=unet, chunk=int(params.get("network_batch", 16)))
+        denoiser = cls(None, info, module=unet, chunk=network_batch(params, 16))
         denoiser.net, denoiser.network = denoiser.unet_call, network
         denoiser.vae, denoiser.text_encoder, denoiser.tokenizer = vae, text_encoder, tokenizer
         denoiser.prompts, denoiser.decode_batch = prompts, int(params.get("decode_batch", 8))
@@ -174,6 +176,7 @@ def check_text_pipeline(spec: dict, adapter: str, pipelines: set[str], parts: di
     checkpoint = locate(spec, adapter, files)
     _dtype(spec.get("params", {}).get("dtype", "float32"))
     compile_mode(spec.get("params", {}), checkpoint.source)
+    network_batch(spec.get("params", {}), 16)
     if checkpoint.check_pipeline(pipelines) is None:
         layout = ", ".join(f"{folder}/" for folder in (*parts, *tokenizers, "scheduler"))
         raise ConfigError(f"{adapter}: {checkpoint.source} has no model_index.json; it needs a "

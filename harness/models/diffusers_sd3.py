@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from harness.errors import ConfigError
-from harness.models.base import DenoiserInfo
+from harness.models.base import DenoiserInfo, network_batch
 from harness.models.checkpoint import load_module, load_tokenizer
 from harness.models.compiled import load_network
 from harness.models.diffusers_sd import StableDiffusion, check_text_pipeline
@@ -81,7 +81,7 @@ class StableDiffusion3(StableDiffusion):
             extra={"source": checkpoint.source, "text": True, "num_prompts": len(prompts)},
         )
 
-        denoiser = cls(None, info, module=transformer, chunk=int(params.get("network_batch", 16)))
+        denoiser = cls(None, info, module=transformer, chunk=network_batch(params, 16))
         denoiser.net, denoiser.network = denoiser.transformer_call, network
         denoiser.vae, denoiser.text_encoders, denoiser.tokenizers = vae, encoders, tokenizers
         denoiser.prompts, denoiser.decode_batch = prompts, int(params.get("decode_batch", 8))

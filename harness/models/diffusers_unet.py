@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from harness.errors import ConfigError
-from harness.models.base import DenoiserInfo, NetworkDenoiser
+from harness.models.base import DenoiserInfo, NetworkDenoiser, network_batch
 from harness.models.checkpoint import locate
 from harness.models.compiled import compile_mode, load_network
 from harness.models.consistency import SCHEDULER_CLASS, ConsistencyParametrisation, check_edm_process
@@ -116,7 +116,7 @@ class DiffusersUNet(NetworkDenoiser):
 
         # 64 rows: digits-unet on one CPU thread spends 1.06 ms per row at 64, 0.74 at 256, but every call pays a
         # whole chunk, and the preparations' calls are small (DC-Solver fits on 10 samples: 8x slower at 256)
-        return cls(make_net(unet_call), info, module=unet, chunk=int(params.get("network_batch", 64)), rebind=make_net)
+        return cls(make_net(unet_call), info, module=unet, chunk=network_batch(params, 64), rebind=make_net)
 
 
 def _checkpoint_setup(spec: dict):
@@ -129,6 +129,7 @@ def _checkpoint_setup(spec: dict):
     source = checkpoint.source
     _dtype(params.get("dtype", "float32"))
     compile_mode(params, source)
+    network_batch(params, 64)
     # a pipeline folder names its parts; a latent pipeline (LDMPipeline's vqvae) is refused, not read as pixels
     index = checkpoint.check_pipeline(PIPELINES, latent_components={"vqvae", "vae"})
     if index is not None and "unet" not in index:
