@@ -135,7 +135,7 @@ def test_cli_sample_and_evaluate_round_trip(repo_files):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--model", "nope", "--method", "euler", "--nfe", "4"], "models.yaml: no model 'nope'; valid: gmm2d, digits-ideal"),
+        (["--model", "nope", "--method", "euler", "--nfe", "4"], "models.yaml: no model 'nope'; nearest valid: "),
         (["--model", "gmm2d", "--method", "nope", "--nfe", "4"], "methods.yaml: no method 'nope'; nearest valid: "),
         (["--model", "gmm2d", "--method", "heun", "--nfe", "8"], "NFE=8 cannot be met; nearest: 7, 9"),
         (["--model", "gmm2d", "--method", "euler", "--nfe", "4", "--models-file", "missing.yaml"],
@@ -160,7 +160,7 @@ def test_cli_bad_input_is_one_line(repo_files, args, expected):
         ("gmm2d:\n  adapter: gmm2d\n  process: {kind: warp}\n  metrics: []\n",
          "models.yaml: key 'gmm2d.process.kind': 'warp' is not one of"),
         ("gmm2d:\n  adapter: nope\n  process: {kind: edm}\n  metrics: []\n",
-         "models.yaml: key 'gmm2d.adapter': 'nope' unknown; valid: diffusers_audioldm, diffusers_dit, diffusers_sd, diffusers_sd3, diffusers_unet, digits_gaussian, digits_ideal, gmm2d"),
+         "models.yaml: key 'gmm2d.adapter': 'nope' unknown; valid: diffusers_audioldm, diffusers_dit, diffusers_sd, diffusers_sd3, diffusers_sdxl, diffusers_unet, digits_gaussian, digits_ideal, gmm2d"),
         ("gmm2d:\n  adapter: gmm2d\n  process: {kind: edm}\n  metrics: [fidd]\n",
          "models.yaml: key 'gmm2d.metrics.0': 'fidd' unknown (did you mean 'fid'?); "),
     ],

@@ -173,6 +173,16 @@ def test_without_force_zeros_the_null_condition_is_the_empty_caption(sdxl_folder
                                      force_zeros_for_empty_prompt="yes")))
 
 
+def test_float16_vae_decodes_in_float32_under_force_upcast(sdxl_folder, tmp_path):
+    """As the pipeline upcasts SDXL's VAE (it overflows in half precision); the networks stay float16."""
+    half = load_denoiser(spec(sdxl_folder, params={"dtype": "float16"}))
+    assert half.module.dtype == torch.float16 and half.text_encoders[1].dtype == torch.float16
+    assert half.vae.dtype == torch.float32 and half.time_ids.dtype == torch.float16
+    folder = edited_copy(sdxl_folder, tmp_path, "vae/config.json", force_upcast=False)
+    assert load_denoiser(spec(folder, params={"dtype": "float16"})).vae.dtype == torch.float16
+    assert load_denoiser(spec(folder, params={"dtype": "bfloat16"})).vae.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("scheduler,solver", [(DPMSolverMultistepScheduler, dpmpp_2m), (EulerDiscreteScheduler, euler)])
 def test_guided_solvers_match_the_pipeline(sdxl_folder, scheduler, solver):
     steps = 6
@@ -302,7 +312,7 @@ def test_refusals_at_planning(sdxl_folder, tmp_path):
                    r"takes it$")
     one_line_error(spec(sdxl_folder, process={**SD_PROCESS, "beta_schedule": "linear"}),
                    "disagrees with the checkpoint's scheduler config")
-    one_line_error(spec(sdxl_folder, params={"prediction": "v"}), "params.prediction is 'v' but the checkpoint predicts")
+    one_line_error(spec(sdxl_folder, params={"prediction": "v"}), "params.prediction is 'v' but the checkpoint")
     one_line_error({k: v for k, v in spec(sdxl_folder).items() if k != "prompts"}, r"prompts' missing")
     one_line_error(spec(edited_copy(sdxl_folder, tmp_path / "b", "unet/config.json", addition_embed_type=None)),
                    r"unet/config.json has addition_embed_type None, not 'text_time'")

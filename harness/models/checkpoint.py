@@ -245,8 +245,9 @@ def locate_weights_file(value, adapter: str, key: str, params: dict) -> WeightsF
         raise ConfigError(f"{adapter}: params.{key}: {where} is neither safetensors nor a torch pickle "
                           f"({', '.join(SAFE_SUFFIXES + PICKLE_SUFFIXES)})")
     if not folder.allow_pickle:
-        raise ConfigError(f"{adapter}: params.{key}: {where} is a pickle (loading one can run code); convert it to "
-                          f"safetensors, or set params.allow_pickle: true to load it with torch.load(weights_only=True)")
+        raise ConfigError(f"{adapter}: params.{key}: {where} is a pickle (loading one can run code); convert it "
+                          f"to safetensors, or set params.allow_pickle: true to load it with "
+                          f"torch.load(weights_only=True)")
     return WeightsFile(path, where, safe=False)
 
 
