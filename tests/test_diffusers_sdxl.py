@@ -283,6 +283,10 @@ def test_unet_weights_refusals(student, tmp_path):
     one_line_error(entry("unet_fp16.bin", weights), r"params.unet_weights: .*unet_fp16.bin is a pickle \(loading one "
                                                     r"can run code\); .* set params.allow_pickle: true")
     one_line_error(entry("nope.safetensors"), r"params.unet_weights: .*nope.safetensors not found$")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a header")
+    (tmp_path / "broken.bin").write_bytes(b"not a pickle")
+    one_line_error(entry("broken.safetensors"), r"broken.safetensors is not a readable safetensors file")
+    one_line_error(entry("broken.bin", allow_pickle=True), r"broken.bin cannot be read: ", load_denoiser)
     one_line_error(spec(base, params={"unet_weights": "dmd2.bin"}), r"params.unet_weights is \{source: a hub id")
     hub = {"source": "tianweiy/DMD2", "file": "dmd2_sdxl_4step_unet_fp16.bin"}
     one_line_error(spec(base, params={"unet_weights": hub, "allow_pickle": True, "cache_dir": str(tmp_path)}),

@@ -267,8 +267,11 @@ def check_weights_file(checkpoint: Checkpoint, subfolder: str | None, cls, weigh
         return
     from safetensors import safe_open
 
-    with safe_open(str(weights.path), framework="pt") as file:
-        found = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+    try:
+        with safe_open(str(weights.path), framework="pt") as file:
+            found = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+    except Exception as err:  # noqa: BLE001  (safetensors' errors are its own class, or OSError)
+        raise ConfigError(f"{checkpoint.adapter}: {weights.where} is not a readable safetensors file ({err})") from None
     _refuse_unless_fits(checkpoint, cls, weights, _empty_network(checkpoint, subfolder, cls).state_dict(), found)
 
 
@@ -281,12 +284,16 @@ def _refuse_unless_fits(checkpoint: Checkpoint, cls, weights: WeightsFile, expec
 def _load_weights_file(checkpoint: Checkpoint, subfolder: str | None, cls, dtype, weights: WeightsFile):
     import torch
 
-    if weights.safe:
-        from safetensors.torch import load_file
+    try:
+        if weights.safe:
+            from safetensors.torch import load_file
 
-        state = load_file(str(weights.path))
-    else:
-        state = torch.load(weights.path, map_location="cpu", weights_only=True)
+            state = load_file(str(weights.path))
+        else:  # weights_only: tensors and plain containers, no code
+            state = torch.load(weights.path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (unpickling, safetensors and OS errors differ)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{checkpoint.adapter}: {weights.where} cannot be read: {first}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{checkpoint.adapter}: {weights.where} is not a state dict (names -> tensors)")
     model = _empty_network(checkpoint, subfolder, cls)
