@@ -136,3 +136,14 @@ def test_pickle_weights_need_allow_pickle(tmp_path):
         assert torch.equal(denoiser.module.state_dict()[name], value)
     with pytest.raises(ConfigError, match="params.allow_pickle is true or false"):
         check_model(spec(tmp_path, allow_pickle="yes"))
+
+
+def test_allow_pickle_still_loads_safetensors(tmp_path):
+    """allow_pickle allows a pickle, it does not ask for one: a folder of safetensors loads them (dmd2-sdxl sets it
+    for its UNet's .bin and reads SDXL base's safetensors)."""
+    unet = tiny_unet()
+    DDPMPipeline(unet=unet, scheduler=scheduler()).save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("unet/*.bin"))
+    denoiser = load_denoiser({**spec(tmp_path, allow_pickle=True), "process": LINEAR})
+    for name, value in unet.state_dict().items():
+        assert torch.equal(denoiser.module.state_dict()[name], value)

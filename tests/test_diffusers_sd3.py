@@ -218,7 +218,7 @@ def edited_copy(folder, tmp_path, path, **changes):
 def test_a_pipeline_of_another_class_is_one_line(sd3_folder, tmp_path):
     edited = edited_copy(sd3_folder, tmp_path, "model_index.json", _class_name="StableDiffusionXLPipeline")
     one_line_error(spec(edited), r"^diffusers_sd3: .* is a StableDiffusionXLPipeline folder, not one of "
-                                 r"StableDiffusion3Pipeline; no stepbench adapter takes it yet$")
+                                 r"StableDiffusion3Pipeline; adapter diffusers_sdxl takes it$")
     one_line_error({**spec(sd3_folder), "adapter": "diffusers_sd"},
                    r"is a StableDiffusion3Pipeline folder, not one of StableDiffusionPipeline; "
                    r"adapter diffusers_sd3 takes it$")

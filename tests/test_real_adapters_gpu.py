@@ -1,4 +1,4 @@
-"""fp16 sampling of the tiny latent models (SD, SD3, DiT, AudioLDM) on CUDA agrees with float32 on the CPU
+"""fp16 sampling of the tiny latent models (SD, SDXL, SD3, DiT, AudioLDM) on CUDA agrees with float32 on the CPU
 within fp16 tolerance, and with params.compile the torch.compile'd network agrees with the eager one and is
 compiled once per process (`gpu` marker: run with `pytest -m gpu` where CUDA is present; skipped elsewhere)."""
 
@@ -16,6 +16,8 @@ from test_diffusers_sd import sd_folder  # noqa: E402,F401  (fixture)
 from test_diffusers_sd import spec as sd_spec  # noqa: E402
 from test_diffusers_sd3 import sd3_folder  # noqa: E402,F401  (fixture)
 from test_diffusers_sd3 import spec as sd3_spec  # noqa: E402
+from test_diffusers_sdxl import sdxl_folder  # noqa: E402,F401  (fixture)
+from test_diffusers_sdxl import spec as sdxl_spec  # noqa: E402
 
 from harness.guidance import guided  # noqa: E402
 from harness.methods.solvers import dpmpp_2m  # noqa: E402
@@ -40,15 +42,15 @@ def guided_samples(entry, device, dtype, cond_of):
 
 
 def entry_and_conditions(kind, request):
-    if kind in ("sd", "sd3", "audioldm"):  # text models: their prompts; audioldm decodes to waveforms through its vocoder
-        folder, spec = {"sd": ("sd_folder", sd_spec), "sd3": ("sd3_folder", sd3_spec),
-                        "audioldm": ("audio_folder", audio_spec)}[kind]
+    if kind in ("sd", "sdxl", "sd3", "audioldm"):  # text models: their prompts; audioldm decodes through its vocoder
+        folder, spec = {"sd": ("sd_folder", sd_spec), "sdxl": ("sdxl_folder", sdxl_spec),
+                        "sd3": ("sd3_folder", sd3_spec), "audioldm": ("audio_folder", audio_spec)}[kind]
         return spec(request.getfixturevalue(folder)), lambda d: d.conditions(0, range(4))
     entry = dit_spec(request.getfixturevalue("dit_folder"))
     return entry, lambda d: torch.tensor([1, 2, 3, 4], device=d.info.device)
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3", "dit", "audioldm"])
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "dit", "audioldm"])
 def test_fp16_on_cuda_agrees_with_fp32_on_cpu(kind, request):
     entry, cond_of = entry_and_conditions(kind, request)
     reference = guided_samples(entry, "cpu", "float32", cond_of)

@@ -14,6 +14,7 @@ MODELS.add("diffusers_unet", "harness.models.diffusers_unet:DiffusersUNet")
 MODELS.add("diffusers_sd", "harness.models.diffusers_sd:StableDiffusion")
 MODELS.add("diffusers_dit", "harness.models.diffusers_dit:DiffusersDiT")
 MODELS.add("diffusers_sd3", "harness.models.diffusers_sd3:StableDiffusion3")
+MODELS.add("diffusers_sdxl", "harness.models.diffusers_sdxl:StableDiffusionXL")
 MODELS.add("diffusers_audioldm", "harness.models.diffusers_audioldm:AudioLDM")
 MODELS.add("tarflow", "harness.models.flow:TarFlowModel")
 

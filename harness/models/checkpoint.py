@@ -13,6 +13,11 @@ refuses, so each rule here ends in a one-line error rather than a guess:
 - every weight the network expects is in the file and every tensor in the file is used, else the load is
   refused (missing weights would be randomly initialised).
 All but the last are read from config files and folder listings, so they run while a grid is planned.
+
+A network's weights published apart from its pipeline (DMD2's UNet-only file for SDXL base: `params.unet_weights`
+of diffusers_sdxl) are one file under the same rules (locate_weights_file): found without a download, safetensors
+unless pickles are allowed, every key loaded into the component's config (load_module's `weights`); a safetensors
+file's keys and shapes are checked against the config at planning (check_weights_file), a pickle's when it loads.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ ADAPTER_FOR_CLASS: dict[str, str | None] = {
     "SD3Transformer2DModel": "diffusers_sd3",
     "StableDiffusion3Pipeline": "diffusers_sd3",
     "LDMPipeline": None,  # a UNet on VQ-VAE latents
-    "StableDiffusionXLPipeline": None,
+    "StableDiffusionXLPipeline": "diffusers_sdxl",
     "AudioLDMPipeline": "diffusers_audioldm",
     "AudioLDM2Pipeline": None,
 }
@@ -171,10 +176,14 @@ def locate(spec: dict, adapter: str, files: list[str]) -> Checkpoint:
     return Checkpoint(source, root, adapter, allow_pickle, hint)
 
 
-def load_module(checkpoint: Checkpoint, subfolder: str | None, cls, dtype, **kwargs):
+def load_module(checkpoint: Checkpoint, subfolder: str | None, cls, dtype, weights: "WeightsFile | None" = None,
+                **kwargs):
     """cls.from_pretrained on the component, refused unless every weight loads (nothing randomly initialised,
-    nothing left over). diffusers and transformers both report the keys with output_loading_info."""
-    checkpoint.weights(subfolder)  # the format rule, before any file is opened
+    nothing left over). diffusers and transformers both report the keys with output_loading_info. `weights`: a
+    file from elsewhere in place of the component's own, loaded into its config (a diffusers model)."""
+    if weights is not None:
+        return _load_weights_file(checkpoint, subfolder, cls, dtype, weights)
+    found = checkpoint.weights(subfolder)  # the format rule, before any file is opened
     from diffusers import ModelMixin
 
     if issubclass(cls, ModelMixin):  # diffusers: low_cpu_mem_usage=False builds every module, then fills it
@@ -184,22 +193,116 @@ def load_module(checkpoint: Checkpoint, subfolder: str | None, cls, dtype, **kwa
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # the format of the file found: with allow_pickle, a folder of safetensors still loads them
             model, info = cls.from_pretrained(str(checkpoint.root), subfolder=subfolder or "", local_files_only=True,
-                                              use_safetensors=not checkpoint.allow_pickle, output_loading_info=True,
+                                              use_safetensors=".safetensors" in found.name, output_loading_info=True,
                                               **kwargs)
     except (OSError, ValueError, TypeError, RuntimeError) as err:  # a config it cannot build, a file it cannot read
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{checkpoint.adapter}: {cls.__name__} cannot be loaded from {checkpoint.where(subfolder)}: "
                           f"{first}") from None
-    missing, unexpected = sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", []))
-    mismatched = info.get("mismatched_keys", [])
+    refuse_unless_all_load(checkpoint.adapter, checkpoint.where(subfolder), cls.__name__,
+                           info.get("missing_keys", []), info.get("unexpected_keys", []),
+                           [str(m[0]) for m in info.get("mismatched_keys", [])])
+    return model.eval()
+
+
+def refuse_unless_all_load(adapter: str, where: str, class_name: str, missing, unexpected, mismatched) -> None:
+    """The one line that refuses weights which do not fit their network's config (keys missing, left over or
+    mis-shaped)."""
+    missing, unexpected, mismatched = sorted(missing), sorted(unexpected), sorted(mismatched)
     if missing or unexpected or mismatched:
         parts = [f"{len(keys)} {what} (first: {keys[0]})" for keys, what in
-                 ((missing, "missing"), (unexpected, "unexpected"), ([str(m[0]) for m in mismatched], "mis-shaped"))
-                 if keys]
-        raise ConfigError(f"{checkpoint.adapter}: the weights in {checkpoint.where(subfolder)} do not fit its "
-                          f"{cls.__name__} config: {', '.join(parts)} weights; refusing to sample a partly random "
-                          f"network")
+                 ((missing, "missing"), (unexpected, "unexpected"), (mismatched, "mis-shaped")) if keys]
+        raise ConfigError(f"{adapter}: the weights in {where} do not fit its {class_name} config: {', '.join(parts)} "
+                          f"weights; refusing to sample a partly random network")
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """One network's weights published apart from its pipeline, found on this machine."""
+
+    path: Path
+    where: str  # as the entry names it (source/file), for errors
+    safe: bool  # safetensors; else a pickle the entry allows
+
+
+def locate_weights_file(value, adapter: str, key: str, params: dict) -> WeightsFile:
+    """`params.<key>: {source: a hub id or a local folder, file: the weights file in it}` as a file here: a hub
+    file comes from the Hugging Face cache (offline, the line says what to download), and it is safetensors
+    unless params.allow_pickle."""
+    if not isinstance(value, dict) or set(value) != {"source", "file"} \
+            or not all(isinstance(v, str) and v for v in value.values()):
+        raise ConfigError(f"{adapter}: params.{key} is {{source: a hub id or a local folder, file: the weights file "
+                          f"in it}}, not {value!r}")
+    folder = locate({"source": value["source"], "params": params}, adapter, [value["file"]])
+    path, where = folder.root / value["file"], f"{value['source']}/{value['file']}"
+    if not path.is_file():
+        raise ConfigError(f"{adapter}: params.{key}: {where} not found{folder.hint}")
+    if path.name.endswith(SAFE_SUFFIXES):
+        return WeightsFile(path, where, safe=True)
+    if not path.name.endswith(PICKLE_SUFFIXES):
+        raise ConfigError(f"{adapter}: params.{key}: {where} is neither safetensors nor a torch pickle "
+                          f"({', '.join(SAFE_SUFFIXES + PICKLE_SUFFIXES)})")
+    if not folder.allow_pickle:
+        raise ConfigError(f"{adapter}: params.{key}: {where} is a pickle (loading one can run code); convert it "
+                          f"to safetensors, or set params.allow_pickle: true to load it with "
+                          f"torch.load(weights_only=True)")
+    return WeightsFile(path, where, safe=False)
+
+
+def _empty_network(checkpoint: Checkpoint, subfolder: str | None, cls):
+    """The component's network built from its config on the meta device: its expected weights, none allocated."""
+    import torch
+
+    config = cls.load_config(str(checkpoint.folder(subfolder)))
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
+def check_weights_file(checkpoint: Checkpoint, subfolder: str | None, cls, weights: WeightsFile) -> None:
+    """At planning: a safetensors file's keys and shapes (its header) fit the component's config; a pickle is
+    read only when it loads."""
+    if not weights.safe:
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights.path), framework="pt") as file:
+            found = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+    except Exception as err:  # noqa: BLE001  (safetensors' errors are its own class, or OSError)
+        raise ConfigError(f"{checkpoint.adapter}: {weights.where} is not a readable safetensors file ({err})") from None
+    _refuse_unless_fits(checkpoint, cls, weights, _empty_network(checkpoint, subfolder, cls).state_dict(), found)
+
+
+def _refuse_unless_fits(checkpoint: Checkpoint, cls, weights: WeightsFile, expected: dict, found: dict) -> None:
+    refuse_unless_all_load(checkpoint.adapter, weights.where, cls.__name__, set(expected) - set(found),
+                           set(found) - set(expected),
+                           [k for k in set(expected) & set(found) if tuple(expected[k].shape) != tuple(found[k])])
+
+
+def _load_weights_file(checkpoint: Checkpoint, subfolder: str | None, cls, dtype, weights: WeightsFile):
+    import torch
+
+    try:
+        if weights.safe:
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights.path))
+        else:  # weights_only: tensors and plain containers, no code
+            state = torch.load(weights.path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (unpickling, safetensors and OS errors differ)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{checkpoint.adapter}: {weights.where} cannot be read: {first}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{checkpoint.adapter}: {weights.where} is not a state dict (names -> tensors)")
+    model = _empty_network(checkpoint, subfolder, cls)
+    _refuse_unless_fits(checkpoint, cls, weights, model.state_dict(), {k: tuple(v.shape) for k, v in state.items()})
+    # the file's tensors, in `dtype`, become the network's (meta until now)
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, assign=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a buffer outside the state dict: it would have no value
+        raise ConfigError(f"{checkpoint.adapter}: {cls.__name__} from {weights.where} leaves {left[0]} unset")
     return model.eval()
 
 

@@ -23,7 +23,7 @@ from collections import OrderedDict
 import torch
 
 from harness.errors import ConfigError
-from harness.models.checkpoint import Checkpoint, load_module
+from harness.models.checkpoint import Checkpoint, WeightsFile, load_module
 
 MODES = ("default", "max-autotune-no-cudagraphs")
 KEEP = 2  # networks kept per process: a cell's model and a model run beside it (stitch)
@@ -45,18 +45,20 @@ def compile_mode(params: dict, source: str) -> str | None:
 
 
 def load_network(checkpoint: Checkpoint, subfolder: str | None, cls, dtype: torch.dtype, device: torch.device,
-                 params: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(module, network): the component as load_module loads it, on `device`, and what the Denoiser calls, the
-    module itself or, with params.compile, its compiled twin, shared by every cell of this process."""
+                 params: dict, weights: WeightsFile | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(module, network): the component as load_module loads it (with `weights` in place of its own, if given), on
+    `device`, and what the Denoiser calls, the module itself or, with params.compile, its compiled twin, shared by
+    every cell of this process."""
     mode = compile_mode(params, checkpoint.source)
     if mode is None:
-        module = load_module(checkpoint, subfolder, cls, dtype).to(device)
+        module = load_module(checkpoint, subfolder, cls, dtype, weights).to(device)
         return module, module
-    key = (_fingerprint(checkpoint, subfolder), cls.__qualname__, str(dtype), str(device), mode)
+    key = (_fingerprint(checkpoint, subfolder), _file_key(weights.path) if weights else None, cls.__qualname__,
+           str(dtype), str(device), mode)
     if key in _COMPILED:
         _COMPILED.move_to_end(key)
         return _COMPILED[key]
-    module = load_module(checkpoint, subfolder, cls, dtype).to(device)
+    module = load_module(checkpoint, subfolder, cls, dtype, weights).to(device)
     # dynamic=False: NetworkDenoiser calls with one chunk shape; the default would retrace for a second one
     compiled = torch.compile(module, mode=None if mode == "default" else mode, dynamic=False)
     _COMPILED[key] = (module, compiled)
@@ -69,6 +71,11 @@ def _fingerprint(checkpoint: Checkpoint, subfolder: str | None) -> tuple:
     folder = checkpoint.folder(subfolder).resolve()
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
     return str(folder), tuple(files)
+
+
+def _file_key(path) -> tuple:
+    """A weights file from elsewhere (load_network's `weights`), as _fingerprint keys the component's files."""
+    return str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns
 
 
 def forget_compiled() -> None:
