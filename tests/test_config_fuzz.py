@@ -148,3 +148,17 @@ def test_many_mutations_and_damages(kind, data, tmp_path):
         _mutated_file(kind, data, tmp_path)
     else:
         _damaged_text(kind, data, tmp_path)
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(REPO) for p in (REPO / "profiles").rglob("*.yaml")
+                                        if p.name != "config.yaml"), ids=str)
+def test_every_shipped_grid_file_expands(path):
+    """Each grid file under profiles/ names models and methods of the shipped files (an unknown one is an error),
+    and each (model, method) pair it asks for, in its main product or a block, is among its cells (their
+    checkpoints are another machine's: nothing is loaded)."""
+    grid = load_grid(REPO / path)
+    grid["models_file"], grid["methods_file"] = str(REPO / "models.yaml"), str(REPO / "methods.yaml")
+    pairs = {(c.model, c.method) for c in expand_grid(grid)}
+    for part in [grid, *grid.get("blocks", [])]:
+        models, methods = part.get("models", grid["models"]), part.get("methods", grid["methods"])
+        assert {(m, k) for m in models for k in methods} <= pairs

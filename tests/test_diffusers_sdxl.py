@@ -328,3 +328,26 @@ def test_refusals_at_planning(sdxl_folder, tmp_path):
     one_line_error(spec(edited_copy(sdxl_folder, tmp_path / "e", "text_encoder_2/config.json",
                                     architectures=["CLIPTextModel"])),
                    r"text_encoder_2/config.json names CLIPTextModel, not CLIPTextModelWithProjection")
+
+
+def test_a_stitched_ssd1b_like_pair_runs_on_the_large_models_conditions(sdxl_folder, tmp_path):
+    """T-Stitch with another UNet on the same text encoders (SSD-1B beside SDXL): the pair's conditions match and the
+    evaluations split under guidance; with other text encoder weights the small model is refused in one line."""
+    from harness.cells import run_cell
+
+    small = save_tiny_sdxl(tmp_path / "small", unet=tiny_unet(seed=7))
+    models = {"big": spec(sdxl_folder), "small": spec(small)}
+    stitch = {**load_methods("methods.yaml")["tstitch_ssd1b_40_dpmpp_2m"],
+              "stitch": {"small": "small", "fraction": 0.4, "base": "dpmpp_2m"}}
+    cell = run_cell("big", models["big"], "stitch", stitch, 8, tmp_path / "s", num_samples=3, guidance=3.0,
+                    models=models)
+    passes = cell["evals_by_model"]
+    assert cell["nfe_measured"] == 8 and passes["big"] + passes["small"] == 16 and 0 < passes["small"] < 16
+    encoder = CLIPTextModelWithProjection.from_pretrained(small / "text_encoder_2")
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(0.5)
+    encoder.save_pretrained(small / "text_encoder_2")
+    with pytest.raises(ConfigError, match="^stitch: small cannot take the large model's conditions: its text encoder "
+                                          "gives other embeddings of the same captions$"):
+        run_cell("big", models["big"], "stitch", stitch, 8, tmp_path / "r", num_samples=3, models=models)

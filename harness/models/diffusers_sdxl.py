@@ -19,11 +19,11 @@ width). The null condition of classifier-free guidance is the pipeline's without
 embeddings when model_index.json sets force_zeros_for_empty_prompt (SDXL base does; the pipeline's default is
 true), else the empty caption encoded; its time ids are the condition's.
 
-    params: {dtype: float32 | float16 | bfloat16, network_batch: rows per UNet call (16), decode_batch: latents per
-             VAE decode (8), cache_dir, allow_pickle: see harness.models.checkpoint, compile: as diffusers_sd,
-             unet_weights: {source: a hub id or a local folder, file: a weights file in it}, the UNet's weights in
-             place of unet/'s, on unet/config.json (DMD2 publishes UNet-only weights for SDXL base:
-             {source: tianweiy/DMD2, file: dmd2_sdxl_4step_unet_fp16.bin}, a pickle, so allow_pickle: true)}
+    params: {dtype: float32 | float16 | bfloat16, network_batch: rows per UNet call (16, or auto), decode_batch:
+             latents per VAE decode (8), cache_dir, allow_pickle: see harness.models.checkpoint, compile: as
+             diffusers_sd, unet_weights: {source: a hub id or a local folder, file: a weights file in it}, the
+             UNet's weights in place of unet/'s, on unet/config.json (DMD2 publishes UNet-only weights for SDXL
+             base: {source: tianweiy/DMD2, file: dmd2_sdxl_4step_unet_fp16.bin}, a pickle, so allow_pickle: true)}
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from harness.errors import ConfigError
-from harness.models.base import DenoiserInfo, condition_length, condition_rows
+from harness.models.base import DenoiserInfo, condition_length, condition_rows, network_batch
 from harness.models.checkpoint import check_weights_file, load_module, load_tokenizer, locate_weights_file
 from harness.models.compiled import load_network
 from harness.models.diffusers_sd import StableDiffusion, check_text_pipeline, vae_decode
@@ -88,7 +88,7 @@ class StableDiffusionXL(StableDiffusion):
             extra={"source": checkpoint.source, "text": True, "num_prompts": len(prompts)},
         )
 
-        denoiser = cls(None, info, module=unet, chunk=int(params.get("network_batch", 16)))
+        denoiser = cls(None, info, module=unet, chunk=network_batch(params, 16))
         denoiser.net, denoiser.network = denoiser.unet_call, network
         denoiser.vae, denoiser.text_encoders, denoiser.tokenizers = vae, encoders, tokenizers
         denoiser.prompts, denoiser.decode_batch = prompts, int(params.get("decode_batch", 8))
