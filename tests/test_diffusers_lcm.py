@@ -17,6 +17,9 @@ makes c_skip large (0.2 at t = 999), so the boundary condition, read from the co
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -32,6 +35,7 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
 )
 from test_diffusers_sd import PROMPTS, SD_BETAS, SD_PROCESS, SEED0_PROMPTS, save_tiny_sd  # noqa: E402
+from test_diffusers_sd import spec as sd_spec  # noqa: E402
 
 from harness.config import load_methods  # noqa: E402
 from harness.errors import ConfigError  # noqa: E402
@@ -39,6 +43,7 @@ from harness.grid import expand_grid  # noqa: E402
 from harness.guidance import guided  # noqa: E402
 from harness.methods import make_sampler  # noqa: E402
 from harness.models import check_model, load_denoiser  # noqa: E402
+from harness.models.compiled import forget_compiled  # noqa: E402
 from harness.models.diffusers_lcm import boundary_scalings, guidance_embedding  # noqa: E402
 from harness.nfe import CountingDenoiser  # noqa: E402
 from harness.noise import SampleNoise  # noqa: E402
@@ -252,12 +257,36 @@ def test_lora_refusals(sd_folder, lcm_folder, lora_folder, tmp_path):
         check_model(spec(sd_folder, params={"lora": str(lora_folder)}))
     with pytest.raises(ConfigError, match="is an LCM already"):
         check_model(lora_spec(lcm_folder, lora_folder))
-    with pytest.raises(ConfigError, match="has no guidance embedding .*params.lora"):
+    with pytest.raises(ConfigError, match="is a StableDiffusionPipeline folder, not an LCM .*params.lora"):
         check_model(spec(sd_folder))
+    with pytest.raises(ConfigError, match=r"is a LatentConsistencyModelPipeline folder.*adapter diffusers_lcm takes it$"):
+        check_model({**spec(lcm_folder), "adapter": "diffusers_sd"})
+    for part, file, change, message in [("unet", "config.json", {"time_cond_proj_dim": None}, "no guidance embedding"),
+                                        ("scheduler", "scheduler_config.json", {"clip_sample": True}, "sets clip_sample")]:
+        edited = tmp_path / f"lcm-{part}"
+        shutil.copytree(lcm_folder, edited)
+        config = json.loads((edited / part / file).read_text())
+        (edited / part / file).write_text(json.dumps({**config, **change}))
+        with pytest.raises(ConfigError, match=message):
+            check_model(spec(edited))
     with pytest.raises(ConfigError, match="lcm_guidance sets an LCM's guidance embedding"):
         check_model(lora_spec(sd_folder, lora_folder, lcm_guidance=8.5))
     with pytest.raises(ConfigError, match="lcm_guidance is the LCM's guidance scale"):
         check_model(spec(lcm_folder, params={"lcm_guidance": "high"}))
+
+
+def test_the_compiled_table_keeps_the_fused_unet_apart_from_the_plain_one(sd_folder, lora_folder, monkeypatch):
+    """sd15 and lcm-lora-sd15 read the same unet/ folder: with params.compile, a worker that ran one must not hand
+    its compiled UNet to the other (torch.compile is stubbed: what is tested is the table's key, not Dynamo)."""
+    monkeypatch.setattr(torch, "compile", lambda module, **_: module)
+    forget_compiled()
+    plain = load_denoiser(sd_spec(sd_folder, params={"compile": True}))
+    fused = load_denoiser(lora_spec(sd_folder, lora_folder, compile=True))
+    again = load_denoiser(lora_spec(sd_folder, lora_folder, compile=True))
+    forget_compiled()
+    assert fused.network is not plain.network and again.network is fused.network
+    x, cond = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), plain.conditions(0, range(3))
+    assert relative(fused.unet_call(x, torch.full((3,), 500.0), cond), plain.unet_call(x, torch.full((3,), 500.0), cond)) > 1e-2
 
 
 def test_grid_guidance_is_refused_on_an_lcm_and_kept_on_an_lcm_lora(sd_folder, lcm_folder, lora_folder, tmp_path):

@@ -41,7 +41,8 @@ from harness.models.checkpoint import PICKLE_SUFFIXES, locate
 from harness.models.diffusers_sd import FILES, PARTS, StableDiffusion, check_text_pipeline
 from harness.models.diffusers_unet import _check_process, _prediction
 
-PIPELINES = {"LatentConsistencyModelPipeline", "StableDiffusionPipeline"}  # an LCM, or SD for an LCM-LoRA
+LCM_PIPELINE = "LatentConsistencyModelPipeline"
+PIPELINES = {LCM_PIPELINE, "StableDiffusionPipeline"}  # an LCM, or SD for an LCM-LoRA
 SIGMA_DATA = 0.5  # LCMScheduler.get_scalings_for_boundary_condition_discrete sets it; no config key
 DEFAULT_GUIDANCE = 8.5  # LatentConsistencyModelPipeline's guidance_scale
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name (save_lora_weights)
@@ -199,21 +200,24 @@ def _setup(spec: dict):
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or scaling <= 0:
         raise ConfigError(f"{source}: the scheduler config's timestep_scaling is a positive number, not {scaling!r}")
     embedding_dim = checkpoint.config("unet").get("time_cond_proj_dim")
+    pipeline = checkpoint.pipeline["_class_name"]
     lora = params.get("lora")
     if lora is None:
+        if pipeline != LCM_PIPELINE:
+            raise ConfigError(f"diffusers_lcm: {source} is a {pipeline} folder, not an LCM ({LCM_PIPELINE}); with "
+                              f"params.lora it is the base of an LCM-LoRA, else adapter diffusers_sd takes it")
         if not embedding_dim:
-            raise ConfigError(f"diffusers_lcm: {source}'s UNet has no guidance embedding (time_cond_proj_dim), so it "
-                              f"is no LCM; an SD pipeline is one with params.lora (an LCM-LoRA), else adapter "
-                              f"diffusers_sd takes it")
+            raise ConfigError(f"diffusers_lcm: {source}'s UNet has no guidance embedding (time_cond_proj_dim), which "
+                              f"an LCM's takes")
         guidance = params.get("lcm_guidance", DEFAULT_GUIDANCE)
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 1:
             raise ConfigError(f"{source}: params.lcm_guidance is the LCM's guidance scale w >= 1 (its embedding takes "
                               f"w - 1; {DEFAULT_GUIDANCE:g} is the pipeline's default), not {guidance!r}")
         return checkpoint, process, prediction, prompts, LCMSettings(float(guidance), int(embedding_dim),
                                                                      float(scaling), None)
-    if embedding_dim:
-        raise ConfigError(f"diffusers_lcm: {source} is an LCM already (its UNet has time_cond_proj_dim); params.lora "
-                          f"fuses an LCM-LoRA into an ordinary SD pipeline")
+    if pipeline == LCM_PIPELINE or embedding_dim:
+        raise ConfigError(f"diffusers_lcm: {source} is an LCM already ({pipeline}, its UNet's time_cond_proj_dim "
+                          f"{embedding_dim}); params.lora fuses an LCM-LoRA into an ordinary SD pipeline")
     if "lcm_guidance" in params:
         raise ConfigError(f"{source}: params.lcm_guidance sets an LCM's guidance embedding, which this UNet has none "
                           f"of (time_cond_proj_dim); an LCM-LoRA takes the grid's guidance (1: none)")
