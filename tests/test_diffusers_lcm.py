@@ -71,7 +71,8 @@ def sd_folder(tmp_path_factory):
 def save_tiny_lcm(folder, sd_folder, timestep_scaling=10.0):
     """The tiny SD's VAE, text encoder and tokenizer around an LCM UNet, as a LatentConsistencyModelPipeline."""
     sd = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, requires_safety_checker=False)
-    LatentConsistencyModelPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=tiny_lcm_unet(),
+    LatentConsistencyModelPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
+                                   unet=tiny_lcm_unet(),
                                    scheduler=LCMScheduler(**SD_BETAS, timestep_scaling=timestep_scaling),
                                    safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False).save_pretrained(folder)
@@ -110,7 +111,8 @@ def save_lora(folder, unet, edit=None, targets=("to_q", "to_k", "to_v", "to_out.
 
 @pytest.fixture(scope="module")
 def lora_folder(sd_folder, tmp_path_factory):
-    return save_lora(tmp_path_factory.mktemp("tiny-lora"), UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet"))
+    unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet")
+    return save_lora(tmp_path_factory.mktemp("tiny-lora"), unet)
 
 
 def spec(source, **extra):
@@ -186,7 +188,8 @@ def test_lcm_timesteps_match_the_lcm_pipeline(any_lcm_folder, steps, monkeypatch
     ours, x_T, noise, nfe = stepbench_lcm(denoiser, steps)
     assert nfe == steps and len(noise.draws) == steps - 1
     monkeypatch.setattr(lcm_scheduling, "randn_tensor", noise.randn_tensor)
-    pipe = LatentConsistencyModelPipeline.from_pretrained(lcm_folder, safety_checker=None, requires_safety_checker=False)
+    pipe = LatentConsistencyModelPipeline.from_pretrained(lcm_folder, safety_checker=None,
+                                                          requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
         theirs = pipe(SEED0_PROMPTS, num_inference_steps=steps, guidance_scale=8.5, latents=x_T.clone(),
@@ -242,7 +245,8 @@ def test_lora_refusals(sd_folder, lcm_folder, lora_folder, tmp_path):
 
     (tmp_path / "text").mkdir()  # a LoRA of the text encoder too (save_lora_weights would prefix it unet.)
     save_file({**load_file(lora_folder / "pytorch_lora_weights.safetensors"),
-               "text_encoder.layer.lora.down.weight": torch.ones(2, 2)}, tmp_path / "text" / "pytorch_lora_weights.safetensors")
+               "text_encoder.layer.lora.down.weight": torch.ones(2, 2)},
+              tmp_path / "text" / "pytorch_lora_weights.safetensors")
     text = tmp_path / "text"
     with pytest.raises(ConfigError, match=r"1 keys that are not the UNet's \(first: text_encoder"):
         check_model(lora_spec(sd_folder, text))
@@ -259,10 +263,11 @@ def test_lora_refusals(sd_folder, lcm_folder, lora_folder, tmp_path):
         check_model(lora_spec(lcm_folder, lora_folder))
     with pytest.raises(ConfigError, match="is a StableDiffusionPipeline folder, not an LCM .*params.lora"):
         check_model(spec(sd_folder))
-    with pytest.raises(ConfigError, match=r"is a LatentConsistencyModelPipeline folder.*adapter diffusers_lcm takes it$"):
+    with pytest.raises(ConfigError, match=r"is a LatentConsistencyModelPipeline folder.*diffusers_lcm takes it$"):
         check_model({**spec(lcm_folder), "adapter": "diffusers_sd"})
-    for part, file, change, message in [("unet", "config.json", {"time_cond_proj_dim": None}, "no guidance embedding"),
-                                        ("scheduler", "scheduler_config.json", {"clip_sample": True}, "sets clip_sample")]:
+    for part, file, change, message in [
+            ("unet", "config.json", {"time_cond_proj_dim": None}, "no guidance embedding"),
+            ("scheduler", "scheduler_config.json", {"clip_sample": True}, "sets clip_sample")]:
         edited = tmp_path / f"lcm-{part}"
         shutil.copytree(lcm_folder, edited)
         config = json.loads((edited / part / file).read_text())
@@ -286,7 +291,8 @@ def test_the_compiled_table_keeps_the_fused_unet_apart_from_the_plain_one(sd_fol
     forget_compiled()
     assert fused.network is not plain.network and again.network is fused.network
     x, cond = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), plain.conditions(0, range(3))
-    assert relative(fused.unet_call(x, torch.full((3,), 500.0), cond), plain.unet_call(x, torch.full((3,), 500.0), cond)) > 1e-2
+    t = torch.full((3,), 500.0)
+    assert relative(fused.unet_call(x, t, cond), plain.unet_call(x, t, cond)) > 1e-2
 
 
 def test_grid_guidance_is_refused_on_an_lcm_and_kept_on_an_lcm_lora(sd_folder, lcm_folder, lora_folder, tmp_path):

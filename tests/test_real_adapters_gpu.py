@@ -1,5 +1,5 @@
-"""fp16 sampling of the tiny latent models (SD, SD3, DiT, AudioLDM, LCM and LCM-LoRA) on CUDA agrees with float32 on the CPU
-within fp16 tolerance, and with params.compile the torch.compile'd network agrees with the eager one and is
+"""fp16 sampling of the tiny latent models (SD, SD3, DiT, AudioLDM, LCM and LCM-LoRA) on CUDA agrees with float32 on
+the CPU within fp16 tolerance, and with params.compile the torch.compile'd network agrees with the eager one and is
 compiled once per process (`gpu` marker: run with `pytest -m gpu` where CUDA is present; skipped elsewhere)."""
 
 from __future__ import annotations

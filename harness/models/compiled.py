@@ -46,7 +46,8 @@ def compile_mode(params: dict, source: str) -> str | None:
 
 
 def load_network(checkpoint: Checkpoint, subfolder: str | None, cls, dtype: torch.dtype, device: torch.device,
-                 params: dict, prepare: tuple[tuple, Callable] | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+                 params: dict, prepare: tuple[tuple, Callable] | None = None
+                 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(module, network): the component as load_module loads it, on `device`, and what the Denoiser calls, the
     module itself or, with params.compile, its compiled twin, shared by every cell of this process.
     `prepare` = (key, fn): fn(module) changes the loaded module before it is moved and compiled (diffusers_lcm

@@ -93,8 +93,8 @@ class LatentConsistency(StableDiffusion):
         if self.guidance_embedding is None:  # an LCM-LoRA: an SD UNet
             return super().unet_call(x_t, t, cond)
         cond = self.null_condition(x_t) if cond is None else cond
-        return self.network(x_t, t, encoder_hidden_states=cond, timestep_cond=self.guidance_embedding.expand(len(x_t), -1),
-                            return_dict=False)[0]
+        embedding = self.guidance_embedding.expand(len(x_t), -1)
+        return self.network(x_t, t, encoder_hidden_states=cond, timestep_cond=embedding, return_dict=False)[0]
 
     def denoise(self, x, sigma, cond=None):
         """The consistency function: LCMScheduler's boundary condition on the network's x0 (c_skip mixes back the
@@ -160,8 +160,8 @@ def fuse_lora(unet, path: Path, where: str, source: str):
     unloaded = sorted(k for k in loaded if k not in expected
                       or not torch.equal(loaded[k].detach(), expected[k].to(loaded[k].dtype)))
     if unmatched or unloaded:
-        what = (f"{len(unmatched)} of its tensors match no layer of {source}'s UNet (first: {unmatched[0]})" if unmatched
-                else f"{len(unloaded)} injected LoRA weights were not loaded from it (first: {unloaded[0]})")
+        what = (f"{len(unmatched)} of its tensors match no layer of {source}'s UNet (first: {unmatched[0]})"
+                if unmatched else f"{len(unloaded)} injected LoRA weights were not loaded from it (first: {unloaded[0]})")
         raise ConfigError(f"diffusers_lcm: the LoRA {where}: {what}; refusing to sample a partly applied LoRA")
     unet.fuse_lora(lora_scale=1.0, adapter_names=[ADAPTER])
     unet.unload_lora()  # the peft layers removed, their fused base weights kept
@@ -238,7 +238,8 @@ def _lora_file(lora, params: dict, source: str) -> tuple[Path, str]:
             raise ConfigError(f"{source}: params.lora.weight_name {name!r} is not a .safetensors file")
         if allow_pickle is not True:
             raise ConfigError(f"{source}: the LoRA {name} is a pickle (loading one can run code); convert it to "
-                              f"safetensors, or set params.allow_pickle: true to load it with torch.load(weights_only=True)")
+                              f"safetensors, or set params.allow_pickle: true to load it with "
+                              f"torch.load(weights_only=True)")
     folder = locate({"source": lora["source"], "params": {k: params[k] for k in ("allow_pickle", "cache_dir")
                                                           if k in params}}, "diffusers_lcm", [name])
     path, where = folder.root / name, f"{lora['source']}/{name}"
@@ -254,6 +255,6 @@ def _lora_file(lora, params: dict, source: str) -> tuple[Path, str]:
             raise ConfigError(f"diffusers_lcm: the LoRA {where} cannot be read: {_first_line(err)}") from None
         outside = sorted(k for k in keys if not k.startswith(LORA_KEYS))
         if outside or not keys:
-            raise ConfigError(f"diffusers_lcm: the LoRA {where} has {len(outside)} keys that are not the UNet's (first: "
-                              f"{outside[0] if outside else 'none at all'}); stepbench fuses a UNet LoRA only")
+            raise ConfigError(f"diffusers_lcm: the LoRA {where} has {len(outside)} keys that are not the UNet's "
+                              f"(first: {outside[0] if outside else 'none at all'}); stepbench fuses a UNet LoRA only")
     return path, where
