@@ -12,12 +12,12 @@ import torch
 from harness import prepared
 from harness.cellstore import MemoryStore, PartialCell
 from harness.config import config_hash
-from harness.errors import StepbenchError
+from harness.errors import ConfigError, StepbenchError
 from harness.files import sha256_file, write_json
 from harness.guidance import check_interval, guided
 from harness.memory import PeakMemory
 from harness.methods import make_sampler
-from harness.models import load_denoiser, resolve_device
+from harness.models import guidance_refusal, load_denoiser, resolve_device
 from harness.models.base import Denoiser
 from harness.progress import batch_progress
 from harness.nfe import CountingDenoiser
@@ -131,6 +131,8 @@ def run_cell(
     sampler = make_sampler(method_spec)
     sampler.check_nfe(nfe)  # fail before loading a model
     sampler.check_model(nfe, model_spec)
+    if guidance != 1 and (refusal := guidance_refusal(model_spec)):
+        raise ConfigError(f"{model_id}: guidance {guidance:g}: {refusal}")
     prepared_record = prepared.load(sampler, cache_dir, model_id, model_spec, method_id, method_spec, nfe)
     batch_size = min(batch_size or model_spec.get("batch_size", 250), num_samples)  # the batch that runs
     config = cell_config_hash(model_spec, method_spec, nfe, seed, num_samples, guidance)

@@ -84,12 +84,14 @@ def expand_grid(grid: dict, models: dict | None = None, methods: dict | None = N
 
 def _unsupported(sampler, nfe: int, scale: float, model: dict) -> str | None:
     """Why a cell cannot run, or None."""
-    from harness.models import FLOW_ADAPTERS
+    from harness.models import FLOW_ADAPTERS, guidance_refusal
 
     if scale != 1 and not model.get("classes") and not model.get("prompts"):  # class- or text-conditional
         return "unconditional model: no guidance"
     if scale != 1 and model["adapter"] in FLOW_ADAPTERS:  # TarFlow's guidance (on a, b) is not the grid's yet
         return "flow model: no guidance axis yet"
+    if scale != 1 and (reason := guidance_refusal(model)):
+        return reason
     try:
         sampler.check_nfe(nfe)
         sampler.check_model(nfe, model)

@@ -160,7 +160,7 @@ def test_cli_bad_input_is_one_line(repo_files, args, expected):
         ("gmm2d:\n  adapter: gmm2d\n  process: {kind: warp}\n  metrics: []\n",
          "models.yaml: key 'gmm2d.process.kind': 'warp' is not one of"),
         ("gmm2d:\n  adapter: nope\n  process: {kind: edm}\n  metrics: []\n",
-         "models.yaml: key 'gmm2d.adapter': 'nope' unknown; valid: diffusers_audioldm, diffusers_dit, diffusers_sd, diffusers_sd3, diffusers_sdxl, diffusers_unet, digits_gaussian, digits_ideal, gmm2d"),
+         "models.yaml: key 'gmm2d.adapter': 'nope' unknown; valid: diffusers_audioldm, diffusers_dit, diffusers_lcm, diffusers_sd, diffusers_sd3, diffusers_sdxl, diffusers_unet, digits_gaussian, digits_ideal, gmm2d"),
         ("gmm2d:\n  adapter: gmm2d\n  process: {kind: edm}\n  metrics: [fidd]\n",
          "models.yaml: key 'gmm2d.metrics.0': 'fidd' unknown (did you mean 'fid'?); "),
     ],

@@ -17,8 +17,9 @@ Procedures (stateless functions over the whole trajectory, on the Denoiser's sca
   SD-Turbo and LCM students are sampled (diffusers' LCMScheduler loop). `params.timesteps` per NFE are the
   model's native timesteps (DMD2: [999, 749, 499, 249]), `params.sigmas` per NFE scaled levels, or
   `params.spacing: trailing` diffusers' trailing spacing at any NFE on a discrete-time model (SD-Turbo; at NFE 4
-  it is DMD2's list). LCMScheduler also mixes x_t back in by its c_skip(t) = 0.25 / ((10 t)^2 + 0.25): that is
-  the LCM network's parametrisation, not the procedure's (at t >= 249 it is below 4e-8).
+  it is DMD2's list; `lcm_timesteps` are LCMScheduler's). LCMScheduler also mixes x_t back in by its
+  c_skip(t) = 0.25 / ((10 t)^2 + 0.25): that is the LCM network's parametrisation, not the procedure's, and the
+  diffusers_lcm adapter applies it in its denoiser (DMD2 and SD-Turbo go without: at t >= 249 it is below 4e-8).
 Both run on any Denoiser, so a teacher can be sampled the student's way. Fresh noise is the sample's own
 (generator.randn_like), so samples stay paired and independent of the batch.
 """

@@ -15,6 +15,7 @@ MODELS.add("diffusers_sd", "harness.models.diffusers_sd:StableDiffusion")
 MODELS.add("diffusers_dit", "harness.models.diffusers_dit:DiffusersDiT")
 MODELS.add("diffusers_sd3", "harness.models.diffusers_sd3:StableDiffusion3")
 MODELS.add("diffusers_sdxl", "harness.models.diffusers_sdxl:StableDiffusionXL")
+MODELS.add("diffusers_lcm", "harness.models.diffusers_lcm:LatentConsistency")
 MODELS.add("diffusers_audioldm", "harness.models.diffusers_audioldm:AudioLDM")
 MODELS.add("tarflow", "harness.models.flow:TarFlowModel")
 
@@ -26,6 +27,12 @@ FLOW_ADAPTERS = ("tarflow",)
 def model_kind(spec: dict) -> str:
     """'flow' or 'denoiser': which methods can sample a models.yaml entry (Sampler.model_kind)."""
     return "flow" if spec["adapter"] in FLOW_ADAPTERS else "denoiser"
+
+
+def guidance_refusal(spec: dict) -> str | None:
+    """Why grid guidance cannot apply to a models.yaml entry (an LCM has its guidance in the network), or None;
+    the adapter's Denoiser.guidance_refusal, asked while the grid is planned and again by the cell."""
+    return None if "train" in spec else MODELS.get(spec["adapter"]).guidance_refusal(spec)
 
 
 def resolve_device(device: str | None) -> str:

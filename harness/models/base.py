@@ -46,6 +46,12 @@ class Denoiser(ABC):
         configs agree), so that a bad entry is one line before any job starts. Loading the weights is the
         jobs' work. Adapters with files to find override it."""
 
+    @classmethod
+    def guidance_refusal(cls, spec: dict) -> str | None:
+        """Why the grid's classifier-free guidance cannot apply to this models.yaml entry, from the entry alone
+        (its cells at a scale other than 1 are n/a; harness.models.guidance_refusal), or None where it can."""
+        return None
+
     @abstractmethod
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """x: [B, *data_shape] scaled noisy input; sigma: [B] scaled noise levels; returns x0_hat."""

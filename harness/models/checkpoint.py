@@ -39,6 +39,7 @@ ADAPTER_FOR_CLASS: dict[str, str | None] = {
     "ConsistencyModelPipeline": "diffusers_unet",
     "UNet2DConditionModel": "diffusers_sd",
     "StableDiffusionPipeline": "diffusers_sd",
+    "LatentConsistencyModelPipeline": "diffusers_lcm",
     "DiTTransformer2DModel": "diffusers_dit",
     "DiTPipeline": "diffusers_dit",
     "SD3Transformer2DModel": "diffusers_sd3",

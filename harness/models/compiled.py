@@ -19,6 +19,7 @@ copies, FLOP counts and other transforms start from it).
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 
@@ -45,20 +46,29 @@ def compile_mode(params: dict, source: str) -> str | None:
 
 
 def load_network(checkpoint: Checkpoint, subfolder: str | None, cls, dtype: torch.dtype, device: torch.device,
-                 params: dict, weights: WeightsFile | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+                 params: dict, weights: WeightsFile | None = None, prepare: tuple[tuple, Callable] | None = None
+                 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(module, network): the component as load_module loads it (with `weights` in place of its own, if given), on
     `device`, and what the Denoiser calls, the module itself or, with params.compile, its compiled twin, shared by
-    every cell of this process."""
+    every cell of this process.
+    `prepare` = (key, fn): fn(module) changes the loaded module before it is moved and compiled (diffusers_lcm
+    fuses a LoRA into it), and key names that change (the LoRA file), so the same UNet without it is another entry."""
     mode = compile_mode(params, checkpoint.source)
+    prepared, change = prepare if prepare is not None else ((), None)
+
+    def load():
+        module = load_module(checkpoint, subfolder, cls, dtype, weights)
+        return (change(module) if change is not None else module).to(device)
+
     if mode is None:
-        module = load_module(checkpoint, subfolder, cls, dtype, weights).to(device)
+        module = load()
         return module, module
     key = (_fingerprint(checkpoint, subfolder), _file_key(weights.path) if weights else None, cls.__qualname__,
-           str(dtype), str(device), mode)
+           str(dtype), str(device), mode, prepared)
     if key in _COMPILED:
         _COMPILED.move_to_end(key)
         return _COMPILED[key]
-    module = load_module(checkpoint, subfolder, cls, dtype, weights).to(device)
+    module = load()
     # dynamic=False: NetworkDenoiser calls with one chunk shape; the default would retrace for a second one
     compiled = torch.compile(module, mode=None if mode == "default" else mode, dynamic=False)
     _COMPILED[key] = (module, compiled)

@@ -58,13 +58,19 @@ class StableDiffusion(NetworkDenoiser):
 
     @classmethod
     def from_config(cls, spec: dict, device: torch.device) -> "StableDiffusion":
+        return cls.build(spec, device, *_setup(spec))
+
+    @classmethod
+    def build(cls, spec: dict, device: torch.device, checkpoint, process, prediction: str, prompts: list[str],
+              prepare=None) -> "StableDiffusion":
+        """The denoiser from a checked pipeline folder (a subclass's own _setup: diffusers_lcm); `prepare` (see
+        compiled.load_network) changes the UNet once loaded, before it is moved or compiled."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         params = spec.get("params", {})
-        checkpoint, process, prediction, prompts = _setup(spec)
         dtype = _dtype(params.get("dtype", "float32"))
-        unet, network = load_network(checkpoint, "unet", UNet2DConditionModel, dtype, device, params)
+        unet, network = load_network(checkpoint, "unet", UNet2DConditionModel, dtype, device, params, prepare=prepare)
         vae = load_module(checkpoint, "vae", AutoencoderKL, dtype).to(device)
         text_encoder = load_module(checkpoint, "text_encoder", CLIPTextModel, dtype).to(device)
         tokenizer = load_tokenizer(checkpoint, "tokenizer", CLIPTokenizer)

@@ -69,7 +69,7 @@ class StableDiffusionXL(StableDiffusion):
         params = spec.get("params", {})
         checkpoint, process, prediction, prompts, force_zeros, weights = _setup(spec)
         dtype = _dtype(params.get("dtype", "float32"))
-        unet, network = load_network(checkpoint, "unet", UNet2DConditionModel, dtype, device, params, weights)
+        unet, network = load_network(checkpoint, "unet", UNet2DConditionModel, dtype, device, params, weights=weights)
         upcast = dtype == torch.float16 and checkpoint.config("vae").get("force_upcast", True)
         vae = load_module(checkpoint, "vae", AutoencoderKL, torch.float32 if upcast else dtype).to(device)
         encoders = [load_module(checkpoint, part, encoder, dtype).to(device)
