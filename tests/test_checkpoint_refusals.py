@@ -139,8 +139,8 @@ def test_pickle_weights_need_allow_pickle(tmp_path):
 
 
 def test_allow_pickle_still_loads_safetensors(tmp_path):
-    """allow_pickle allows a pickle, it does not ask for one: a folder of safetensors loads them (dmd2-sdxl sets it
-    for its UNet's .bin and reads SDXL base's safetensors)."""
+    """allow_pickle allows a pickle, it does not ask for one: a folder of safetensors loads them (dmd2-sdxl-1step sets
+    it for its UNet's .bin and reads SDXL base's safetensors)."""
     unet = tiny_unet()
     DDPMPipeline(unet=unet, scheduler=scheduler()).save_pretrained(tmp_path)
     assert not list(tmp_path.glob("unet/*.bin"))

@@ -23,7 +23,8 @@ true), else the empty caption encoded; its time ids are the condition's.
              latents per VAE decode (8), cache_dir, allow_pickle: see harness.models.checkpoint, compile: as
              diffusers_sd, unet_weights: {source: a hub id or a local folder, file: a weights file in it}, the
              UNet's weights in place of unet/'s, on unet/config.json (DMD2 publishes UNet-only weights for SDXL
-             base: {source: tianweiy/DMD2, file: dmd2_sdxl_4step_unet_fp16.bin}, a pickle, so allow_pickle: true)}
+             base: {source: tianweiy/DMD2, file: dmd2_sdxl_4step_unet_fp16.safetensors}; its 1-step UNet is a
+             pickle, dmd2_sdxl_1step_unet_fp16.bin, so allow_pickle: true)}
 """
 
 from __future__ import annotations
