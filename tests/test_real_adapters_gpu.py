@@ -1,6 +1,7 @@
 """fp16 sampling of the tiny latent models (SD, SDXL, SD3, DiT, AudioLDM, LCM and LCM-LoRA) on CUDA agrees with
 float32 on the CPU within fp16 tolerance, and with params.compile the torch.compile'd network agrees with the eager
-one and is compiled once per process (`gpu` marker: run with `pytest -m gpu` where CUDA is present; skipped elsewhere)."""
+one and is compiled once per process (`gpu` marker: run with `pytest -m gpu` where CUDA is present; skipped
+elsewhere)."""
 
 from __future__ import annotations
 

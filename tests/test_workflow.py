@@ -61,7 +61,7 @@ def test_tiny_grid_end_to_end_and_second_run_has_nothing_to_do(tmp_path):
 def test_grid_with_unknown_model_is_one_clear_line(tmp_path):
     run = _run(tmp_path, "--configfile", str(_grid(tmp_path, models=["nope"])), "--dry-run")
     assert run.returncode != 0
-    assert "stepbench: error:" in run.stderr and "no model 'nope'; valid: gmm2d, digits-ideal" in run.stderr
+    assert "stepbench: error:" in run.stderr and "no model 'nope'; nearest valid: " in run.stderr
     assert "Traceback" not in run.stderr
 
 

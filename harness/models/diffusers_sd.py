@@ -137,7 +137,7 @@ class StableDiffusion(NetworkDenoiser):
             return "its prompts differ"
         probe = [self.prompts[0], ""]
         mine, theirs = self.encode(probe), other.encode(probe)
-        if isinstance(mine, dict):  # SD3's
+        if isinstance(mine, dict):  # SDXL's, SD3's
             same = mine.keys() == theirs.keys() and all(_equal(mine[k], theirs[k]) for k in mine)
         else:
             same = _equal(mine, theirs)
