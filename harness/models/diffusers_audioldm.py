@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from harness.errors import ConfigError
-from harness.models.base import DenoiserInfo, network_batch
 from harness.models.checkpoint import load_module
 from harness.models.compiled import load_network
 from harness.models.diffusers_sd import StableDiffusion, check_text_pipeline, pipeline_files, vae_decode
@@ -76,23 +75,13 @@ class AudioLDM(StableDiffusion):
         text_encoder = load_module(checkpoint, "text_encoder", ClapTextModelWithProjection, dtype).to(device)
         vocoder = load_module(checkpoint, "vocoder", SpeechT5HifiGan, dtype).to(device)
         tokenizer = RobertaTokenizer.from_pretrained(str(checkpoint.root), subfolder="tokenizer", local_files_only=True)
-        info = DenoiserInfo(
-            data_shape=layout.latent_shape,
-            data_range=(-1.0, 1.0),  # the vocoder ends in tanh
-            prediction=prediction,
-            process=process,
-            dtype=dtype,
-            device=device,
-            latent=True,
-            extra={"source": checkpoint.source, "text": True, "num_prompts": len(prompts), "audio": True,
-                   "sample_rate": layout.sample_rate},
-        )
-        denoiser = cls(None, info, module=unet, chunk=network_batch(params, 16))
-        denoiser.net, denoiser.network = denoiser.unet_call, network
-        denoiser.vae, denoiser.vocoder, denoiser.decode_batch = vae, vocoder, int(params.get("decode_batch", 8))
-        denoiser.text_encoder, denoiser.tokenizer, denoiser.prompts = text_encoder, tokenizer, prompts
+        # data_range (-1, 1): the vocoder ends in tanh
+        denoiser = cls.latent_text_denoiser(params, device, checkpoint, unet, network, "unet_call", prediction,
+                                            process, prompts, dtype, data_shape=layout.latent_shape, audio=True,
+                                            sample_rate=layout.sample_rate)
+        denoiser.vae, denoiser.vocoder = vae, vocoder
+        denoiser.text_encoder, denoiser.tokenizer = text_encoder, tokenizer
         denoiser.num_audio_samples = layout.num_audio_samples
-        denoiser._null = None
         return denoiser
 
     @torch.inference_mode()

@@ -74,22 +74,33 @@ class StableDiffusion(NetworkDenoiser):
         vae = load_module(checkpoint, "vae", AutoencoderKL, dtype).to(device)
         text_encoder = load_module(checkpoint, "text_encoder", CLIPTextModel, dtype).to(device)
         tokenizer = load_tokenizer(checkpoint, "tokenizer", CLIPTokenizer)
-        size = unet.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        denoiser = cls.latent_text_denoiser(params, device, checkpoint, unet, network, "unet_call", prediction,
+                                            process, prompts, dtype)
+        denoiser.vae, denoiser.text_encoder, denoiser.tokenizer = vae, text_encoder, tokenizer
+        return denoiser
+
+    @classmethod
+    def latent_text_denoiser(cls, params: dict, device: torch.device, checkpoint, module, network, call: str,
+                             prediction: str, process, prompts: list[str], dtype: torch.dtype, data_shape=None,
+                             **extra) -> "StableDiffusion":
+        """What every latent text-conditional adapter's denoiser shares: its DenoiserInfo (data_shape: the network
+        config's latent shape unless given; `extra` adds to info.extra), its network run by the method named `call`
+        in chunks of params.network_batch, its prompts and decode batch. The adapter adds its encoders and VAE."""
+        if data_shape is None:
+            size = module.config.sample_size
+            data_shape = (module.config.in_channels, *((size, size) if isinstance(size, int) else size))
         info = DenoiserInfo(
-            data_shape=(unet.config.in_channels, height, width),
+            data_shape=tuple(data_shape),
             data_range=(-1.0, 1.0),
             prediction=prediction,
             process=process,
             dtype=dtype,
             device=device,
             latent=True,
-            extra={"source": checkpoint.source, "text": True, "num_prompts": len(prompts)},
+            extra={"source": checkpoint.source, "text": True, "num_prompts": len(prompts), **extra},
         )
-
-        denoiser = cls(None, info, module=unet, chunk=network_batch(params, 16))
-        denoiser.net, denoiser.network = denoiser.unet_call, network
-        denoiser.vae, denoiser.text_encoder, denoiser.tokenizer = vae, text_encoder, tokenizer
+        denoiser = cls(None, info, module=module, chunk=network_batch(params, 16))
+        denoiser.net, denoiser.network = getattr(denoiser, call), network
         denoiser.prompts, denoiser.decode_batch = prompts, int(params.get("decode_batch", 8))
         denoiser._null = None
         return denoiser

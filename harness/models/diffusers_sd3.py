@@ -29,7 +29,6 @@ from __future__ import annotations
 import torch
 
 from harness.errors import ConfigError
-from harness.models.base import DenoiserInfo, network_batch
 from harness.models.checkpoint import load_module, load_tokenizer
 from harness.models.compiled import load_network
 from harness.models.diffusers_sd import StableDiffusion, check_text_pipeline
@@ -69,24 +68,10 @@ class StableDiffusion3(StableDiffusion):
         encoders.append(load_module(checkpoint, "text_encoder_3", T5EncoderModel, dtype).to(device))
         tokenizers = [load_tokenizer(checkpoint, folder, cls_) for folder, cls_ in
                       zip(TOKENIZERS, (CLIPTokenizer, CLIPTokenizer, T5TokenizerFast))]
-        size = transformer.config.sample_size
-        info = DenoiserInfo(
-            data_shape=(transformer.config.in_channels, size, size),
-            data_range=(-1.0, 1.0),
-            prediction="flow",
-            process=process,
-            dtype=dtype,
-            device=device,
-            latent=True,
-            extra={"source": checkpoint.source, "text": True, "num_prompts": len(prompts)},
-        )
-
-        denoiser = cls(None, info, module=transformer, chunk=network_batch(params, 16))
-        denoiser.net, denoiser.network = denoiser.transformer_call, network
+        denoiser = cls.latent_text_denoiser(params, device, checkpoint, transformer, network, "transformer_call",
+                                            "flow", process, prompts, dtype)
         denoiser.vae, denoiser.text_encoders, denoiser.tokenizers = vae, encoders, tokenizers
-        denoiser.prompts, denoiser.decode_batch = prompts, int(params.get("decode_batch", 8))
         denoiser.timestep_scale, denoiser.max_sequence_length = timestep_scale, max_sequence_length
-        denoiser._null = None
         return denoiser
 
     @torch.inference_mode()

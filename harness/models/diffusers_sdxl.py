@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from harness.errors import ConfigError
-from harness.models.base import DenoiserInfo, condition_length, condition_rows, network_batch
+from harness.models.base import condition_length, condition_rows
 from harness.models.checkpoint import check_weights_file, load_module, load_tokenizer, locate_weights_file
 from harness.models.compiled import load_network
 from harness.models.diffusers_sd import StableDiffusion, check_text_pipeline, vae_decode
@@ -76,27 +76,14 @@ class StableDiffusionXL(StableDiffusion):
         encoders = [load_module(checkpoint, part, encoder, dtype).to(device)
                     for part, encoder in zip(ENCODERS, (CLIPTextModel, CLIPTextModelWithProjection))]
         tokenizers = [load_tokenizer(checkpoint, folder, CLIPTokenizer) for folder in TOKENIZERS]
-        size = unet.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        info = DenoiserInfo(
-            data_shape=(unet.config.in_channels, height, width),
-            data_range=(-1.0, 1.0),
-            prediction=prediction,
-            process=process,
-            dtype=dtype,
-            device=device,
-            latent=True,
-            extra={"source": checkpoint.source, "text": True, "num_prompts": len(prompts)},
-        )
-
-        denoiser = cls(None, info, module=unet, chunk=network_batch(params, 16))
-        denoiser.net, denoiser.network = denoiser.unet_call, network
+        denoiser = cls.latent_text_denoiser(params, device, checkpoint, unet, network, "unet_call", prediction,
+                                            process, prompts, dtype)
         denoiser.vae, denoiser.text_encoders, denoiser.tokenizers = vae, encoders, tokenizers
-        denoiser.prompts, denoiser.decode_batch = prompts, int(params.get("decode_batch", 8))
+        height, width = denoiser.info.data_shape[1:]
         scale = 2 ** (len(vae.config.block_out_channels) - 1)  # the pipeline's vae_scale_factor
         pixels = (height * scale, width * scale)
         denoiser.time_ids = torch.tensor([[*pixels, 0, 0, *pixels]], dtype=dtype, device=device)
-        denoiser.force_zeros, denoiser._null = force_zeros, None
+        denoiser.force_zeros = force_zeros
         return denoiser
 
     @torch.inference_mode()
