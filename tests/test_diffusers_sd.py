@@ -125,10 +125,16 @@ def test_loads_as_a_latent_text_model(sd_folder):
 @pytest.mark.parametrize("steps", [6])
 @pytest.mark.parametrize("scheduler,solver", [(DPMSolverMultistepScheduler, dpmpp_2m), (EulerDiscreteScheduler, euler)])
 def test_guided_solvers_match_the_pipeline(sd_folder, scheduler, solver, steps):
-    scale = 4.0
-    denoiser = load_denoiser(spec(sd_folder))
-    pipe = pipeline(sd_folder, scheduler)
-    x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    got, expected, decoded, images = guided_beside_pipeline(load_denoiser(spec(sd_folder)),
+                                                            pipeline(sd_folder, scheduler), solver, 4.0, steps)
+    assert float((got - expected).norm() / expected.norm()) <= RTOL
+    assert float((decoded - images).norm() / images.norm()) <= RTOL
+
+
+def guided_beside_pipeline(denoiser, pipe, solver, scale, steps):
+    """(stepbench's latents, the pipeline's, stepbench's decoded images, the pipeline's): the same x_T, the captions
+    of a seed-0 cell's first 3 samples and guidance, stepbench's solver at the pipeline scheduler's time steps."""
+    x_T = torch.randn(3, *denoiser.info.data_shape, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = pipe(SEED0_PROMPTS, num_inference_steps=steps, guidance_scale=scale, latents=x_T.clone(),
                         output_type="latent").images
@@ -139,9 +145,7 @@ def test_guided_solvers_match_the_pipeline(sd_folder, scheduler, solver, steps):
         cond = denoiser.conditions(0, range(3))
         got = solver(lambda x, sigma: model(x, sigma, cond), x_T / float(process.alpha(sigmas[0])), sigmas)
         images = pipe.vae.decode(expected / pipe.vae.config.scaling_factor).sample
-        decoded = denoiser.decode(got)
-    assert float((got - expected).norm() / expected.norm()) <= RTOL
-    assert float((decoded - images).norm() / images.norm()) <= RTOL
+        return got, expected, denoiser.decode(got), images
 
 
 def test_a_guided_cell_counts_nfe_and_network_passes(sd_folder, tmp_path):

@@ -33,7 +33,8 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
 )
 from safetensors.torch import save_file  # noqa: E402
-from test_diffusers_sd import SD_BETAS, SD_PROCESS, scheduler_overrides, tiny_tokenizer  # noqa: E402
+from test_diffusers_sd import (SD_BETAS, SD_PROCESS, guided_beside_pipeline, scheduler_overrides,  # noqa: E402
+                               tiny_tokenizer)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from harness.cells import run_cell  # noqa: E402
@@ -185,21 +186,8 @@ def test_float16_vae_decodes_in_float32_under_force_upcast(sdxl_folder, tmp_path
 
 @pytest.mark.parametrize("scheduler,solver", [(DPMSolverMultistepScheduler, dpmpp_2m), (EulerDiscreteScheduler, euler)])
 def test_guided_solvers_match_the_pipeline(sdxl_folder, scheduler, solver):
-    steps = 6
-    denoiser = load_denoiser(spec(sdxl_folder))
-    pipe = pipeline(sdxl_folder, scheduler)
-    x_T = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        expected = pipe(SEED0_PROMPTS, num_inference_steps=steps, guidance_scale=SCALE, latents=x_T.clone(),
-                        output_type="latent").images
-        pipe.scheduler.set_timesteps(steps)
-        process = denoiser.process
-        sigmas = [float(process.sigmas[int(t)]) for t in pipe.scheduler.timesteps] + [0.0]
-        model = guided(denoiser, SCALE)
-        cond = denoiser.conditions(0, range(3))
-        got = solver(lambda x, sigma: model(x, sigma, cond), x_T / float(process.alpha(sigmas[0])), sigmas)
-        images = pipe.vae.decode(expected / pipe.vae.config.scaling_factor).sample
-        decoded = denoiser.decode(got)
+    got, expected, decoded, images = guided_beside_pipeline(load_denoiser(spec(sdxl_folder)),
+                                                            pipeline(sdxl_folder, scheduler), solver, SCALE, 6)
     assert relative(got, expected) <= RTOL
     assert relative(decoded, images) <= RTOL
 
